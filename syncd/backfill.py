@@ -1,0 +1,175 @@
+"""One pass over every record under some roots: what ``syncd backfill`` does."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from syncd.config import Root, Settings
+from syncd.engine import Engine, Outcome
+from syncd.errors import ConfigError
+from syncd.ledger import BLOCKED, ERROR, FAILED, GONE, PENDING, SYNCED, Ledger
+from syncd.logging import redact_text
+from syncd.sink import MlflowSink, RetryPolicy
+from syncd.sources.local import LocalRecord, find_records
+
+log = structlog.get_logger("syncd.backfill")
+
+
+@dataclass(slots=True)
+class Summary:
+    """Totals of a backfill; ``errors`` lists every line reported in this pass."""
+
+    tracking_uri: str
+    records: int = 0
+    synced: int = 0
+    unchanged: int = 0
+    with_errors: int = 0
+    failed: int = 0
+    blocked: int = 0
+    pending: int = 0
+    gone: int = 0
+    events: int = 0
+    metric_points: int = 0
+    artifacts: int = 0
+    duration_s: float = 0.0
+    aborted: str | None = None
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, outcome: Outcome) -> None:
+        self.records += 1
+        if outcome.skipped:
+            self.unchanged += 1
+        counter = {
+            SYNCED: "synced",
+            ERROR: "with_errors",
+            FAILED: "failed",
+            BLOCKED: "blocked",
+            PENDING: "pending",
+            GONE: "gone",
+        }.get(outcome.state)
+        if outcome.retry_later:
+            counter = "failed"
+        if counter:
+            setattr(self, counter, getattr(self, counter) + 1)
+        self.events += outcome.events
+        self.metric_points += outcome.metric_points
+        self.artifacts += outcome.artifacts
+        for err in outcome.errors:
+            self.errors.append(
+                {
+                    "file": err.path or outcome.source,
+                    "line": err.line,
+                    "seq": err.seq,
+                    "reason": err.reason,
+                }
+            )
+        if outcome.message and (outcome.retry_later or outcome.state == FAILED):
+            self.errors.append(
+                {"file": outcome.source, "line": None, "seq": None, "reason": outcome.message}
+            )
+
+    @property
+    def clean(self) -> bool:
+        return not (self.with_errors or self.failed or self.blocked or self.aborted)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sink_key(tracking_uri: str) -> str:
+    """The ledger's name for a sink: the tracking URI without credentials."""
+    return redact_text(tracking_uri)
+
+
+def open_ledger(settings: Settings, *, read_only: bool = False) -> Ledger | None:
+    """The ledger of ``settings``; None when read-only and there is none yet."""
+    url = settings.ledger_url_resolved
+    if settings.ledger_url is None:
+        path = settings.state_dir / "ledger.db"
+        if read_only and not path.exists():
+            return None
+        try:
+            settings.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"state_dir {settings.state_dir}: {exc.strerror}") from exc
+    return Ledger(url, sink_key(settings.tracking_uri))
+
+
+def iter_record_files(roots: Iterable[Root]) -> Iterator[tuple[Root, Path]]:
+    for root in roots:
+        if root.is_s3:
+            raise ConfigError(f"root {root.path}: s3:// roots are not supported yet")
+        path = Path(root.path)
+        if not path.exists():
+            raise ConfigError(f"root {root.path} does not exist")
+        for record in find_records(path, root.pattern):
+            yield root, record
+
+
+def backfill(
+    settings: Settings,
+    *,
+    dry_run: bool = False,
+    progress: Callable[[int], AbstractContextManager[Callable[[], None]]] | None = None,
+) -> Summary:
+    """Sync every record under ``settings.roots`` once; unchanged ones are skipped unread."""
+    started = time.perf_counter()
+    summary = Summary(tracking_uri=sink_key(settings.tracking_uri))
+    files = list(iter_record_files(settings.roots))
+    ledger = open_ledger(settings, read_only=dry_run)
+    if ledger is None:  # a dry run before any sync: an in-memory ledger
+        ledger = Ledger("sqlite://", sink_key(settings.tracking_uri))
+    sink = MlflowSink(settings.tracking_uri, retry=RetryPolicy(attempts=5, max_delay=5.0))
+    defaults = {Path(root.path): root.experiment for root in settings.roots}
+    engine = Engine(
+        ledger,
+        sink,
+        default_experiment=lambda record: _default_experiment(record, defaults),
+        dry_run=dry_run,
+    )
+    log.info(
+        "backfill_start",
+        tracking_uri=summary.tracking_uri,
+        ledger=redact_text(ledger.url),
+        roots=[root.path for root in settings.roots],
+        records=len(files),
+        dry_run=dry_run,
+    )
+    known = ledger.all_records()
+    bar = progress(len(files)) if progress else nullcontext(lambda: None)
+    try:
+        with bar as advance:
+            for _root, path in files:
+                record = LocalRecord(path)
+                try:
+                    outcome = engine.sync(record, known.get(record.uri))
+                finally:
+                    record.close()
+                summary.add(outcome)
+                advance()
+                if outcome.retry_later:
+                    summary.aborted = f"MLflow is unavailable: {outcome.message}"
+                    log.error("backfill_aborted", reason=summary.aborted)
+                    break
+    finally:
+        ledger.close()
+    summary.duration_s = round(time.perf_counter() - started, 3)
+    log.info("backfill_done", **{k: v for k, v in summary.as_dict().items() if k != "errors"})
+    return summary
+
+
+def _default_experiment(record: Any, defaults: dict[Path, str | None]) -> str | None:
+    path = getattr(record, "path", None)
+    if path is None:
+        return None
+    for root, experiment in defaults.items():
+        if experiment and path.is_relative_to(root):
+            return experiment
+    return None

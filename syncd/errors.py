@@ -1,0 +1,59 @@
+"""The one exception tree of syncd (stdlib only, importable on training hosts).
+
+    SyncdError
+     ├── ConfigError            bad flags, environment or config file (exit code 2)
+     ├── RecordError            a bad line in a run record (path, line, seq, reason)
+     │    └── UnsupportedVersion  a line with a format version this syncd does not know
+     ├── LedgerError            the ledger database cannot be opened or written
+     └── SinkError              MLflow (or its artifact store) refused or failed a write
+          ├── TransientSinkError  worth retrying: unreachable, 5xx, "database is locked"
+          └── PermanentSinkError  retrying cannot help: invalid value, deleted run
+
+Every failure a user can meet ends as one of these; the CLI turns them into a
+one-line message and an exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+
+class SyncdError(Exception):
+    """Root of every error syncd raises on purpose."""
+
+
+class ConfigError(SyncdError):
+    """Flags, environment or a config file are invalid; the message names the key."""
+
+
+class RecordError(SyncdError):
+    """A line of a run record that cannot be projected, with where and why."""
+
+    def __init__(self, reason: str, *, path: str = "", line: int = 0, seq: int | None = None):
+        self.reason = reason
+        self.path = path
+        self.line = line
+        self.seq = seq
+        super().__init__(self.describe())
+
+    def describe(self) -> str:
+        where = f"{self.path}:{self.line}" if self.path else f"line {self.line}"
+        return f"{where}: {self.reason}"
+
+
+class UnsupportedVersion(RecordError):
+    """A line written in a newer format version: held back, never guessed at."""
+
+
+class LedgerError(SyncdError):
+    """The ledger (checkpoints, run map, sync events) failed."""
+
+
+class SinkError(SyncdError):
+    """MLflow refused or failed a write."""
+
+
+class TransientSinkError(SinkError):
+    """A failure that may pass: unreachable server, 5xx, a locked SQLite database."""
+
+
+class PermanentSinkError(SinkError):
+    """A failure retrying cannot fix: an invalid value, a deleted run or experiment."""

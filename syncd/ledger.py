@@ -1,0 +1,516 @@
+"""The ledger: where each record stands against a sink, and what happened (SQLAlchemy 2).
+
+One SQLite file in the state dir by default (WAL, busy timeout); the same
+schema runs on PostgreSQL so hosts of a fleet can share it. Every row is keyed
+by the sink (the tracking URI, credentials removed), so pointing syncd at
+another MLflow starts that mirror from scratch instead of trusting run ids that
+belong elsewhere.
+
+Checkpoints are committed only after MLflow accepted the writes they cover:
+a crash in between replays the writes (idempotent), it never skips them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event as sa_event
+from sqlalchemy.engine import Connection, Engine
+
+from syncd.errors import LedgerError, RecordError
+
+SCHEMA_VERSION = 1
+
+# Record states
+SYNCED = "synced"  # every complete line applied, no errors
+ERROR = "error"  # applied, but some lines or entries were reported
+FAILED = "failed"  # MLflow refused the writes; retried on the next pass
+BLOCKED = "blocked"  # a newer format version holds the rest back
+PENDING = "pending"  # no complete first line yet
+GONE = "gone"  # the file disappeared; MLflow untouched
+STATES = (SYNCED, ERROR, FAILED, BLOCKED, PENDING, GONE)
+SETTLED_STATES = frozenset({SYNCED, ERROR, BLOCKED})  # nothing to do until the file changes
+
+metadata = sa.MetaData()
+
+records = sa.Table(
+    "syncd_records",
+    metadata,
+    sa.Column("sink", sa.String(512), primary_key=True),
+    sa.Column("source", sa.String(2048), primary_key=True),
+    sa.Column("record_id", sa.String(128), index=True),
+    sa.Column("size", sa.BigInteger, nullable=False, default=0),
+    sa.Column("mtime_ns", sa.BigInteger, nullable=False, default=0),
+    sa.Column("offset", sa.BigInteger, nullable=False, default=0),
+    sa.Column("line", sa.Integer, nullable=False, default=0),
+    sa.Column("seq", sa.Integer, nullable=False, default=-1),
+    sa.Column("skipped", sa.Integer, nullable=False, default=0),
+    sa.Column("fingerprint", sa.String(64)),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("error_count", sa.Integer, nullable=False, default=0),
+    sa.Column("last_error", sa.Text),
+    sa.Column("last_sync_at", sa.Float),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+runs = sa.Table(
+    "syncd_runs",
+    metadata,
+    sa.Column("sink", sa.String(512), primary_key=True),
+    sa.Column("record_id", sa.String(128), primary_key=True),
+    sa.Column("run_id", sa.String(64), nullable=False),
+    sa.Column("experiment_id", sa.String(64), nullable=False),
+    sa.Column("parent_record_id", sa.String(128), index=True),
+    sa.Column("parent_linked", sa.Boolean, nullable=False, default=False),
+)
+
+artifacts = sa.Table(
+    "syncd_artifacts",
+    metadata,
+    sa.Column("sink", sa.String(512), primary_key=True),
+    sa.Column("record_id", sa.String(128), primary_key=True),
+    sa.Column("key", sa.String(1024), primary_key=True),
+    sa.Column("digest", sa.String(64), nullable=False),
+    sa.Column("uploaded_at", sa.Float, nullable=False),
+)
+
+record_errors = sa.Table(
+    "syncd_record_errors",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("sink", sa.String(512), nullable=False),
+    sa.Column("source", sa.String(2048), nullable=False),
+    sa.Column("line", sa.Integer, nullable=False),
+    sa.Column("seq", sa.Integer),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Index("ix_syncd_record_errors_source", "sink", "source"),
+)
+
+sync_events = sa.Table(
+    "syncd_sync_events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.Float, nullable=False, index=True),
+    sa.Column("sink", sa.String(512), nullable=False),
+    sa.Column("source", sa.String(2048), nullable=False),
+    sa.Column("record_id", sa.String(128)),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("first_seq", sa.Integer),
+    sa.Column("last_seq", sa.Integer),
+    sa.Column("events", sa.Integer, nullable=False, default=0),
+    sa.Column("metric_points", sa.Integer, nullable=False, default=0),
+    sa.Column("detail", sa.Text),
+)
+
+extension_events = sa.Table(
+    "syncd_extension_events",
+    metadata,
+    sa.Column("sink", sa.String(512), primary_key=True),
+    sa.Column("source", sa.String(2048), primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True),
+    sa.Column("type", sa.String(128), nullable=False),
+    sa.Column("body", sa.Text, nullable=False),
+)
+
+meta = sa.Table(
+    "syncd_meta",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.String(256), nullable=False),
+)
+
+
+@dataclass(slots=True)
+class RecordRow:
+    source: str
+    record_id: str | None = None
+    size: int = 0
+    mtime_ns: int = 0
+    offset: int = 0
+    line: int = 0
+    seq: int = -1
+    skipped: int = 0
+    fingerprint: str | None = None
+    state: str = PENDING
+    error_count: int = 0
+    last_error: str | None = None
+    last_sync_at: float | None = None
+
+
+@dataclass(slots=True)
+class RunRow:
+    record_id: str
+    run_id: str
+    experiment_id: str
+    parent_record_id: str | None = None
+    parent_linked: bool = False
+
+
+@dataclass(slots=True)
+class Progress:
+    """What one step of a record changed, committed in one transaction."""
+
+    record: RecordRow
+    kind: str  # applied, failed, replaced, gone, held
+    run: RunRow | None = None
+    errors: list[RecordError] = field(default_factory=list)
+    artifacts: dict[str, str] = field(default_factory=dict)  # key -> digest
+    extensions: list[tuple[int, str, str]] = field(default_factory=list)  # seq, type, body
+    first_seq: int | None = None
+    last_seq: int | None = None
+    events: int = 0
+    metric_points: int = 0
+    detail: str | None = None
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+class Ledger:
+    """Checkpoints, the record -> run map, uploaded artifacts and the sync event log."""
+
+    def __init__(self, url: str, sink: str) -> None:
+        self.url = url
+        self.sink = sink
+        try:
+            self.engine: Engine = _create_engine(url)
+            metadata.create_all(self.engine)
+            self._check_schema_version()
+        except sa.exc.SQLAlchemyError as exc:
+            raise LedgerError(f"cannot open the ledger at {_safe_url(url)}: {exc}") from exc
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except sa.exc.SQLAlchemyError as exc:
+            raise LedgerError(f"ledger write failed: {exc}") from exc
+
+    def _check_schema_version(self) -> None:
+        with self.engine.begin() as conn:
+            found = conn.execute(
+                sa.select(meta.c.value).where(meta.c.key == "schema_version")
+            ).scalar()
+            if found is None:
+                conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
+            elif int(found) > SCHEMA_VERSION:
+                raise LedgerError(
+                    f"the ledger has schema version {found}, newer than this syncd"
+                    f" ({SCHEMA_VERSION}); upgrade syncd"
+                )
+
+    # -- reads ---------------------------------------------------------------------
+
+    def all_records(self) -> dict[str, RecordRow]:
+        """Every record of this sink by source: one query, for a fast unchanged-tree pass."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(records).where(records.c.sink == self.sink))
+            return {row.source: _record_row(row) for row in rows}
+
+    def get_record(self, source: str) -> RecordRow | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(records).where(records.c.sink == self.sink, records.c.source == source)
+            ).first()
+        return _record_row(row) if row else None
+
+    def get_run(self, record_id: str) -> RunRow | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(runs).where(runs.c.sink == self.sink, runs.c.record_id == record_id)
+            ).first()
+        return _run_row(row) if row else None
+
+    def unlinked_children(self, parent_record_id: str) -> list[RunRow]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(runs).where(
+                    runs.c.sink == self.sink,
+                    runs.c.parent_record_id == parent_record_id,
+                    runs.c.parent_linked.is_(False),
+                )
+            )
+            return [_run_row(row) for row in rows]
+
+    def artifact_digests(self, record_id: str) -> dict[str, str]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(artifacts.c.key, artifacts.c.digest).where(
+                    artifacts.c.sink == self.sink, artifacts.c.record_id == record_id
+                )
+            )
+            return {row.key: row.digest for row in rows}
+
+    def errors_of(self, source: str) -> list[tuple[int, int | None, str]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(record_errors.c.line, record_errors.c.seq, record_errors.c.reason)
+                .where(record_errors.c.sink == self.sink, record_errors.c.source == source)
+                .order_by(record_errors.c.line, record_errors.c.id)
+            )
+            return [(row.line, row.seq, row.reason) for row in rows]
+
+    def recent_events(self, limit: int = 20) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(sync_events)
+                .where(sync_events.c.sink == self.sink)
+                .order_by(sync_events.c.id.desc())
+                .limit(limit)
+            )
+            return [dict(row._mapping) for row in rows]
+
+    # -- writes --------------------------------------------------------------------
+
+    def commit(self, progress: Progress) -> None:
+        """Checkpoint, run map, artifacts, errors and the audit event: all or nothing."""
+        now = time.time()
+        rec = progress.record
+        rec.error_count += len(progress.errors)
+        if progress.errors:
+            rec.last_error = progress.errors[-1].describe()
+        if progress.kind == "applied":
+            rec.last_sync_at = now
+        with self._tx() as conn:
+            self._upsert(conn, records, _record_values(self.sink, rec, now), ("sink", "source"))
+            if progress.run is not None:
+                run = progress.run
+                self._upsert(
+                    conn,
+                    runs,
+                    {
+                        "sink": self.sink,
+                        "record_id": run.record_id,
+                        "run_id": run.run_id,
+                        "experiment_id": run.experiment_id,
+                        "parent_record_id": run.parent_record_id,
+                        "parent_linked": run.parent_linked,
+                    },
+                    ("sink", "record_id"),
+                )
+            if progress.errors:
+                conn.execute(
+                    record_errors.insert(),
+                    [
+                        {
+                            "sink": self.sink,
+                            "source": rec.source,
+                            "line": err.line,
+                            "seq": err.seq,
+                            "reason": err.reason,
+                            "at": now,
+                        }
+                        for err in progress.errors
+                    ],
+                )
+            for key, digest in progress.artifacts.items():
+                self._upsert(
+                    conn,
+                    artifacts,
+                    {
+                        "sink": self.sink,
+                        "record_id": rec.record_id,
+                        "key": key,
+                        "digest": digest,
+                        "uploaded_at": now,
+                    },
+                    ("sink", "record_id", "key"),
+                )
+            for seq, etype, body in progress.extensions:
+                self._upsert(
+                    conn,
+                    extension_events,
+                    {
+                        "sink": self.sink,
+                        "source": rec.source,
+                        "seq": seq,
+                        "type": etype,
+                        "body": body,
+                    },
+                    ("sink", "source", "seq"),
+                )
+            conn.execute(
+                sync_events.insert().values(
+                    at=now,
+                    sink=self.sink,
+                    source=rec.source,
+                    record_id=rec.record_id,
+                    kind=progress.kind,
+                    first_seq=progress.first_seq,
+                    last_seq=progress.last_seq,
+                    events=progress.events,
+                    metric_points=progress.metric_points,
+                    detail=progress.detail,
+                )
+            )
+
+    def restart_record(self, row: RecordRow, reason: str) -> RecordRow:
+        """The file no longer continues what was synced: forget position and errors."""
+        fresh = RecordRow(source=row.source)
+        with self._tx() as conn:
+            conn.execute(
+                record_errors.delete().where(
+                    record_errors.c.sink == self.sink, record_errors.c.source == row.source
+                )
+            )
+            conn.execute(
+                records.delete().where(records.c.sink == self.sink, records.c.source == row.source)
+            )
+        self.commit(Progress(record=fresh, kind="replaced", detail=reason))
+        return fresh
+
+    def mark_linked(self, record_id: str) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                runs.update()
+                .where(runs.c.sink == self.sink, runs.c.record_id == record_id)
+                .values(parent_linked=True)
+            )
+
+    def _upsert(
+        self, conn: Connection, table: sa.Table, values: dict[str, Any], keys: Sequence[str]
+    ) -> None:
+        dialect = conn.dialect.name
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            stmt: Any = pg_insert(table).values(values)
+        elif dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+            stmt = sqlite_insert(table).values(values)
+        else:
+            raise LedgerError(f"unsupported ledger database {dialect!r}: use SQLite or PostgreSQL")
+        update = {k: v for k, v in values.items() if k not in keys}
+        conn.execute(stmt.on_conflict_do_update(index_elements=list(keys), set_=update))
+
+    # -- status --------------------------------------------------------------------
+
+    def summary(self) -> dict[str, Any]:
+        """Counts per state, the last sync, and every record with errors."""
+        with self.engine.connect() as conn:
+            counts = dict(
+                conn.execute(
+                    sa.select(records.c.state, sa.func.count())
+                    .where(records.c.sink == self.sink)
+                    .group_by(records.c.state)
+                ).all()
+            )
+            last_sync = conn.execute(
+                sa.select(sa.func.max(records.c.last_sync_at)).where(records.c.sink == self.sink)
+            ).scalar()
+            problem_rows = conn.execute(
+                sa.select(records.c.source, records.c.record_id, records.c.state)
+                .where(
+                    records.c.sink == self.sink,
+                    records.c.state.in_((ERROR, FAILED, BLOCKED)),
+                )
+                .order_by(records.c.source)
+            ).all()
+        problems = [
+            {
+                "source": row.source,
+                "record_id": row.record_id,
+                "state": row.state,
+                "errors": [
+                    {"line": line, "seq": seq, "reason": reason}
+                    for line, seq, reason in self.errors_of(row.source)
+                ],
+            }
+            for row in problem_rows
+        ]
+        return {
+            "sink": self.sink,
+            "records": {state: int(counts.get(state, 0)) for state in STATES},
+            "last_sync_at": last_sync,
+            "records_with_errors": problems,
+        }
+
+
+def _create_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url, connect_args={"timeout": 30})
+        sa_event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True)
+
+
+def _safe_url(url: str) -> str:
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return "<invalid URL>"
+
+
+def _record_row(row: Any) -> RecordRow:
+    return RecordRow(
+        source=row.source,
+        record_id=row.record_id,
+        size=row.size,
+        mtime_ns=row.mtime_ns,
+        offset=row.offset,
+        line=row.line,
+        seq=row.seq,
+        skipped=row.skipped,
+        fingerprint=row.fingerprint,
+        state=row.state,
+        error_count=row.error_count,
+        last_error=row.last_error,
+        last_sync_at=row.last_sync_at,
+    )
+
+
+def _run_row(row: Any) -> RunRow:
+    return RunRow(
+        record_id=row.record_id,
+        run_id=row.run_id,
+        experiment_id=row.experiment_id,
+        parent_record_id=row.parent_record_id,
+        parent_linked=bool(row.parent_linked),
+    )
+
+
+def _record_values(sink: str, rec: RecordRow, now: float) -> dict[str, Any]:
+    return {
+        "sink": sink,
+        "source": rec.source,
+        "record_id": rec.record_id,
+        "size": rec.size,
+        "mtime_ns": rec.mtime_ns,
+        "offset": rec.offset,
+        "line": rec.line,
+        "seq": rec.seq,
+        "skipped": rec.skipped,
+        "fingerprint": rec.fingerprint,
+        "state": rec.state,
+        "error_count": rec.error_count,
+        "last_error": rec.last_error,
+        "last_sync_at": rec.last_sync_at,
+        "updated_at": now,
+    }
+
+
+def extension_body(fields: dict[str, Any]) -> str:
+    return json.dumps(fields, separators=(",", ":"), sort_keys=True)
+
+
+def iter_chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

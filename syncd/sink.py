@@ -1,0 +1,415 @@
+"""The MLflow sink: applies a write plan through ``MlflowClient`` (never the fluent API).
+
+Everything MLflow-specific at run time lives here: experiment get-or-create
+that survives a concurrent create, run adoption by the ``syncd.record_id`` tag
+(so a lost ledger or a crash between "run created" and "checkpoint committed"
+never duplicates a run), retries with backoff for transient failures, and an
+interprocess lock around writes to a SQLite store so several syncd processes
+never contend for it. MLflow, SQLAlchemy, requests and botocore errors are
+mapped to the syncd error tree here, in one place.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import structlog
+
+from syncd.artifacts import ResolvedArtifact
+from syncd.errors import PermanentSinkError, RecordError, SinkError, TransientSinkError
+from syncd.projection import (
+    PARENT_RUN_TAG,
+    RECORD_ID_TAG,
+    Batch,
+    Entry,
+    MetricPoint,
+    WritePlan,
+)
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+log = structlog.get_logger("syncd.sink")
+T = TypeVar("T")
+
+_TRANSIENT_CODES = frozenset(
+    {"TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
+)
+_TRANSIENT_TEXT = ("database is locked", "database table is locked", "Connection refused")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter, capped; ``attempts`` tries in all."""
+
+    attempts: int = 6
+    base_delay: float = 0.2
+    max_delay: float = 10.0
+
+    def delay(self, attempt: int) -> float:
+        return random.uniform(0, min(self.max_delay, self.base_delay * 2**attempt))
+
+
+@dataclass(slots=True)
+class ApplyResult:
+    run_id: str
+    experiment_id: str
+    created: bool
+    problems: list[RecordError] = field(default_factory=list)
+    uploaded: dict[str, str] = field(default_factory=dict)  # artifact key -> digest
+    retries: int = 0
+
+
+def classify(exc: BaseException) -> SinkError:
+    """Map an MLflow / SQLAlchemy / HTTP / S3 error to a transient or permanent SinkError."""
+    if isinstance(exc, SinkError):
+        return exc
+    text = str(exc)
+    name = type(exc).__name__
+    module = type(exc).__module__
+    code = getattr(exc, "error_code", None)
+    if any(t in text for t in _TRANSIENT_TEXT):
+        return TransientSinkError(text)
+    if code is not None:  # MlflowException and RestException
+        if code in _TRANSIENT_CODES:
+            return TransientSinkError(text)
+        return PermanentSinkError(text)
+    if module.startswith(("requests", "urllib3", "botocore", "boto3")) or name in (
+        "OperationalError",
+        "TimeoutError",
+        "ConnectionError",
+    ):
+        return TransientSinkError(f"{name}: {text}")
+    if isinstance(exc, OSError):
+        return TransientSinkError(f"{name}: {text}")
+    return PermanentSinkError(f"{name}: {text}")
+
+
+def is_sqlite_uri(uri: str) -> bool:
+    return uri.startswith("sqlite:")
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for in-memory)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///") :]
+    return Path(path) if path and path != ":memory:" else None
+
+
+class _FileLock:
+    """An interprocess lock (flock) beside a SQLite store; re-entrant within a thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._local = threading.RLock()
+        self._fd: int | None = None
+        self._depth = 0
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        with self._local:
+            if self._depth == 0:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+                if self._depth == 0 and self._fd is not None:
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+                    os.close(self._fd)
+                    self._fd = None
+
+
+class MlflowSink:
+    """Applies write plans to one MLflow tracking URI."""
+
+    def __init__(self, tracking_uri: str, *, retry: RetryPolicy | None = None) -> None:
+        self.tracking_uri = tracking_uri
+        self.retry = retry or RetryPolicy()
+        self._client: MlflowClient | None = None
+        self._experiments: dict[str, str] = {}
+        db = sqlite_path(tracking_uri)
+        self._lock = _FileLock(db.with_name(db.name + ".syncd-lock")) if db else None
+        self._retries = 0
+
+    # -- plumbing ------------------------------------------------------------------
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            # syncd retries itself (with backoff it controls) and owns the log format.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    @contextmanager
+    def _serialised(self) -> Iterator[None]:
+        if self._lock is None:
+            yield
+        else:
+            with self._lock.held():
+                yield
+
+    def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Call MLflow, retrying transient failures with backoff; raise SinkError otherwise."""
+        attempt = 0
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:
+                err = classify(exc)
+                if isinstance(err, PermanentSinkError) or attempt + 1 >= self.retry.attempts:
+                    raise err from exc
+                delay = self.retry.delay(attempt)
+                log.warning(
+                    "sink_retry",
+                    call=what,
+                    attempt=attempt + 1,
+                    delay_s=round(delay, 3),
+                    error=str(err)[:300],
+                )
+                self._retries += 1
+                attempt += 1
+                time.sleep(delay)
+
+    def check(self) -> None:
+        """Raise SinkError unless the tracking store answers (used for readiness)."""
+        with self._serialised():
+            self._call("search_experiments", self.client.search_experiments, max_results=1)
+
+    def take_retries(self) -> int:
+        count, self._retries = self._retries, 0
+        return count
+
+    # -- experiments and runs --------------------------------------------------------
+
+    def experiment_id(self, name: str) -> str:
+        cached = self._experiments.get(name)
+        if cached is not None:
+            return cached
+        from mlflow.entities import LifecycleStage
+
+        exp = self._call("get_experiment_by_name", self.client.get_experiment_by_name, name)
+        if exp is None:
+            try:
+                exp_id = self.client.create_experiment(name)
+            except Exception as exc:
+                err = classify(exc)
+                if isinstance(err, TransientSinkError):
+                    raise err from exc
+                # Someone else created it between our lookup and create: use theirs.
+                exp = self._call("get_experiment_by_name", self.client.get_experiment_by_name, name)
+                if exp is None:
+                    raise err from exc
+                exp_id = exp.experiment_id
+        else:
+            if exp.lifecycle_stage == LifecycleStage.DELETED:
+                raise PermanentSinkError(
+                    f"experiment {name!r} is deleted in MLflow; restore it"
+                    f" (mlflow experiments restore --experiment-id {exp.experiment_id})"
+                    " or permanently delete it to let syncd recreate it"
+                )
+            exp_id = exp.experiment_id
+        self._experiments[name] = exp_id
+        return str(exp_id)
+
+    def find_run(self, experiment_id: str, record_id: str) -> Any | None:
+        """The run already carrying ``syncd.record_id``, if any (adoption)."""
+        from mlflow.entities import ViewType
+
+        found = self._call(
+            "search_runs",
+            self.client.search_runs,
+            [experiment_id],
+            filter_string=f"tags.`{RECORD_ID_TAG}` = '{record_id}'",
+            run_view_type=ViewType.ALL,
+            max_results=2,
+            order_by=["attributes.start_time ASC"],
+        )
+        return found[0] if found else None
+
+    # -- apply ---------------------------------------------------------------------
+
+    def apply(
+        self,
+        plan: WritePlan,
+        *,
+        run_id: str | None,
+        experiment_id: str | None,
+        parent_run_id: str | None,
+        uploads: list[ResolvedArtifact],
+    ) -> ApplyResult:
+        """Apply a plan; entries MLflow refuses are reported, the rest lands."""
+        with self._serialised():
+            return self._apply(plan, run_id, experiment_id, parent_run_id, uploads)
+
+    def _apply(
+        self,
+        plan: WritePlan,
+        run_id: str | None,
+        experiment_id: str | None,
+        parent_run_id: str | None,
+        uploads: list[ResolvedArtifact],
+    ) -> ApplyResult:
+        created = False
+        if run_id is None or experiment_id is None:
+            if plan.run is None:
+                raise PermanentSinkError("the record has no run yet (its run_started is missing)")
+            experiment_id = self.experiment_id(plan.run.experiment)
+            existing = self.find_run(experiment_id, plan.run.record_id)
+            if existing is None:
+                tags = dict(plan.run.tags)
+                if parent_run_id:
+                    tags[PARENT_RUN_TAG] = parent_run_id
+                run = self._call(
+                    "create_run",
+                    self.client.create_run,
+                    experiment_id,
+                    start_time=plan.run.start_time,
+                    tags=tags,
+                    run_name=plan.run.run_name,
+                )
+                run_id = run.info.run_id
+                created = True
+                log.info("run_created", run_id=run_id, record_id=plan.run.record_id)
+            else:
+                run_id = existing.info.run_id
+                self._ensure_active(existing)
+                log.info("run_adopted", run_id=run_id, record_id=plan.run.record_id)
+        assert run_id is not None and experiment_id is not None
+        result = ApplyResult(run_id=run_id, experiment_id=experiment_id, created=created)
+
+        batches = list(plan.batches)
+        if plan.run is not None and not created:
+            # Adopted or known run replayed from the start: its run tags again (idempotent).
+            tags = [Entry(k, v) for k, v in plan.run.tags.items()]
+            if parent_run_id:
+                tags.append(Entry(PARENT_RUN_TAG, parent_run_id))
+            batches[:0] = [Batch(tags=tags[i : i + 100]) for i in range(0, len(tags), 100)]
+        for batch in batches:
+            self._log_batch(run_id, batch, result)
+        for text in plan.texts:
+            self._call("log_text", self.client.log_text, run_id, text.text, text.artifact_file)
+        for upload in uploads:
+            self._upload(run_id, upload, result)
+        if plan.datasets:
+            self._log_datasets(run_id, plan)
+        if plan.status is not None:
+            if plan.status.status == "RUNNING":
+                self._call("update_run", self.client.update_run, run_id, status="RUNNING")
+            else:
+                self._call(
+                    "set_terminated",
+                    self.client.set_terminated,
+                    run_id,
+                    status=plan.status.status,
+                    end_time=plan.status.end_time,
+                )
+        result.retries = self.take_retries()
+        return result
+
+    def link_parent(self, run_id: str, parent_run_id: str) -> None:
+        with self._serialised():
+            self._call("set_tag", self.client.set_tag, run_id, PARENT_RUN_TAG, parent_run_id)
+
+    def _ensure_active(self, run: Any) -> None:
+        if run.info.lifecycle_stage != "active":
+            raise PermanentSinkError(
+                f"run {run.info.run_id} is deleted in MLflow; restore it"
+                f" (mlflow runs restore --run-id {run.info.run_id}) to resume syncing"
+            )
+
+    def _log_batch(self, run_id: str, batch: Batch, result: ApplyResult) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        def call(metrics: list[MetricPoint], params: list[Entry], tags: list[Entry]) -> None:
+            self._call(
+                "log_batch",
+                self.client.log_batch,
+                run_id,
+                metrics=[Metric(m.key, m.value, m.timestamp, m.step) for m in metrics],
+                params=[Param(p.key, p.value) for p in params],
+                tags=[RunTag(t.key, t.value) for t in tags],
+                synchronous=True,
+            )
+
+        try:
+            call(batch.metrics, batch.params, batch.tags)
+            return
+        except PermanentSinkError as exc:
+            if "active" in str(exc) and "state" in str(exc):
+                raise
+            first_error = exc
+        # MLflow refused the batch as a whole: find the entries it refuses, keep the rest.
+        log.info("batch_refused_isolating", run_id=run_id, error=str(first_error)[:300])
+        for metric in batch.metrics:
+            self._try_entry(result, metric.line, metric.seq, lambda m=metric: call([m], [], []))
+        for param in batch.params:
+            self._try_entry(result, param.line, param.seq, lambda p=param: call([], [p], []))
+        for tag in batch.tags:
+            self._try_entry(result, tag.line, tag.seq, lambda t=tag: call([], [], [t]))
+
+    def _try_entry(self, result: ApplyResult, line: int, seq: int, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except PermanentSinkError as exc:
+            result.problems.append(
+                RecordError(f"MLflow refused: {_short(str(exc))}", line=line, seq=seq)
+            )
+
+    def _upload(self, run_id: str, upload: ResolvedArtifact, result: ApplyResult) -> None:
+        if upload.is_dir:
+            self._call(
+                "log_artifacts",
+                self.client.log_artifacts,
+                run_id,
+                str(upload.local_path),
+                upload.artifact_path,
+            )
+        else:
+            self._call(
+                "log_artifact",
+                self.client.log_artifact,
+                run_id,
+                str(upload.local_path),
+                upload.artifact_path,
+            )
+        result.uploaded[upload.key] = upload.digest
+
+    def _log_datasets(self, run_id: str, plan: WritePlan) -> None:
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = []
+        for ds in plan.datasets:
+            tags = [InputTag("mlflow.data.context", ds.context)] if ds.context else []
+            dataset = Dataset(
+                name=ds.name,
+                digest=ds.digest,
+                source_type=ds.source_type,
+                source=json.dumps({"uri": ds.source}),
+            )
+            inputs.append(DatasetInput(dataset=dataset, tags=tags))
+        self._call("log_inputs", self.client.log_inputs, run_id, datasets=inputs)
+
+
+def _short(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,35 @@
+"""Where records live. A source only finds records and reads their bytes; it never parses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from syncd.artifacts import ResolvedArtifact
+
+
+class RecordFile(Protocol):
+    """One record as the engine sees it, wherever it is stored."""
+
+    @property
+    def uri(self) -> str:
+        """Stable identity of the record's location (the ledger key, tag ``syncd.source``)."""
+        ...
+
+    @property
+    def display(self) -> str:
+        """What a user recognises in messages: a path or an s3:// URI."""
+        ...
+
+    def stat(self) -> tuple[int, int]:
+        """(size in bytes, modification time in ns); FileNotFoundError when gone."""
+        ...
+
+    def read_at(self, offset: int, length: int) -> bytes: ...
+
+    def resolve_artifact(self, path: str, artifact_path: str | None) -> ResolvedArtifact:
+        """A confined, digested local copy of an artifact (ArtifactRefused when unsafe)."""
+        ...
+
+
+__all__ = ["Path", "RecordFile"]

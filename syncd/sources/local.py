@@ -1,0 +1,74 @@
+"""Records on a local (or NFS) filesystem: discovery by glob and byte-range reads."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from syncd.artifacts import ResolvedArtifact, resolve_artifact
+from syncd.record.events import RECORD_FILENAME
+
+DEFAULT_PATTERN = f"**/{RECORD_FILENAME}"
+
+
+class LocalRecord:
+    """A record file on disk. Reads are positional, so a live writer is never disturbed."""
+
+    __slots__ = ("_fd", "path")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    @property
+    def uri(self) -> str:
+        return self.path.as_uri()
+
+    @property
+    def display(self) -> str:
+        return str(self.path)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.path.parent
+
+    def stat(self) -> tuple[int, int]:
+        st = os.stat(self.path)
+        return st.st_size, st.st_mtime_ns
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        return os.pread(self._fd, length, offset)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def resolve_artifact(self, path: str, artifact_path: str | None) -> ResolvedArtifact:
+        return resolve_artifact(self.run_dir, path, artifact_path)
+
+
+def find_records(root: Path, pattern: str = DEFAULT_PATTERN) -> Iterator[Path]:
+    """Record files under ``root``, in a stable order.
+
+    ``**/<name glob>`` (the common case) walks the tree once matching file names,
+    which is much cheaper than a general glob on big trees.
+    """
+    root = root.absolute()
+    if root.is_file():
+        yield root
+        return
+    head, sep, name_glob = pattern.rpartition("/")
+    if head == "**" and sep and not any(ch in name_glob for ch in "/"):
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for name in sorted(filenames):
+                if fnmatch.fnmatchcase(name, name_glob):
+                    yield Path(dirpath) / name
+        return
+    yield from sorted(p for p in root.glob(pattern) if p.is_file())

@@ -173,12 +173,14 @@ class LogConfig(_Section):
     level: Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_lower)] = "info"
 
 
-class Settings(BaseSettings):
-    """The whole syncd configuration. Build it with :func:`load_config`."""
+class Settings(_Section):
+    """The whole syncd configuration.
 
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", validate_default=True
-    )
+    Build it with :func:`load_config`, which layers file, environment and flags;
+    ``Settings(**values)`` validates exactly ``values`` on top of the defaults.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
 
     tracking_uri: str = DEFAULT_TRACKING_URI
     state_dir: Path = Path(".syncd")
@@ -235,12 +237,21 @@ class Settings(BaseSettings):
 # --- loading ---------------------------------------------------------------------------
 
 
+class _EnvSettings(BaseSettings, Settings):
+    """Settings' fields as pydantic-settings sees them: SYNCD_ prefix, "__" nesting."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__")
+
+
 class _EnvSource(EnvSettingsSource):
-    """pydantic-settings' SYNCD_* parsing, reading a given mapping instead of os.environ."""
+    """pydantic-settings' SYNCD_* parsing, reading a given mapping instead of os.environ.
+
+    It only turns variables into (nested) values; Settings validates them.
+    """
 
     def __init__(self, environ: Mapping[str, str]) -> None:
         self._environ = environ  # read by _load_env_vars() during super().__init__
-        super().__init__(Settings)
+        super().__init__(_EnvSettings)
 
     def _load_env_vars(self) -> Mapping[str, str | None]:
         return {key.lower(): value for key, value in self._environ.items()}

@@ -99,6 +99,12 @@ def test_env_beats_yaml_and_overrides_beat_env(tmp_path: Path) -> None:
     assert settings.watch.rescan_interval == 5
 
 
+def test_env_argument_replaces_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SYNCD_LOG__LEVEL", "debug")
+    assert load_config().log.level == "debug"  # env=None: os.environ
+    assert load_config(env={}).log.level == "info"  # an explicit mapping is all there is
+
+
 def test_none_override_means_not_given() -> None:
     env = {"SYNCD_HEALTH_ADDR": "0.0.0.0:9100"}
     settings = load_config(overrides={"health_addr": None}, env=env)

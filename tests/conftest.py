@@ -1,0 +1,50 @@
+"""Shared fixtures: a real SQLite MLflow store per test, cloned from a migrated template."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples" / "runs"
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty, fully migrated MLflow SQLite database (migrations take seconds; copy it)."""
+    from mlflow.tracking import MlflowClient
+
+    folder = tmp_path_factory.mktemp("mlflow-template")
+    db = folder / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh working directory (MLflow puts ./mlruns artifacts in the cwd)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("SYNCD_STATE_DIR", raising=False)
+    return tmp_path
+
+
+@pytest.fixture
+def tracking_uri(workdir: Path, mlflow_template: Path) -> str:
+    db = workdir / "mlflow.db"
+    shutil.copy(mlflow_template, db)
+    return f"sqlite:///{db}"
+
+
+@pytest.fixture
+def client(tracking_uri: str) -> Iterator[object]:
+    from mlflow.tracking import MlflowClient
+
+    yield MlflowClient(tracking_uri=tracking_uri)

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from syncd.config import load_config
 from syncd.backfill import Summary, backfill
+from syncd.config import load_config
 
 T0 = 1_763_800_000_000
 
@@ -30,7 +30,9 @@ def started(record_id: str, experiment: str = "exp", **fields: Any) -> str:
     return line(0, "run_started", record_id=record_id, experiment=experiment, **fields)
 
 
-def run_backfill(root: Path, tracking_uri: str, state_dir: Path | None = None, **kw: Any) -> Summary:
+def run_backfill(
+    root: Path, tracking_uri: str, state_dir: Path | None = None, **kw: Any
+) -> Summary:
     settings = load_config(
         None,
         overrides={
@@ -57,9 +59,7 @@ def runs_by_record(client: Any) -> dict[str, Any]:
 
 
 def history(client: Any, run_id: str, key: str) -> list[tuple[int, int, float]]:
-    return sorted(
-        (m.step, m.timestamp, m.value) for m in client.get_metric_history(run_id, key)
-    )
+    return sorted((m.step, m.timestamp, m.value) for m in client.get_metric_history(run_id, key))
 
 
 def comparable_history(client: Any, run_id: str, key: str) -> list[tuple[int, int, Any]]:
@@ -92,9 +92,7 @@ def snapshot(client: Any) -> dict[str, Any]:
                 key: comparable_history(client, run.info.run_id, key) for key in run.data.metrics
             },
             "artifacts": artifact_files(client, run.info.run_id),
-            "inputs": sorted(
-                (d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs
-            ),
+            "inputs": sorted((d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs),
         }
         state[rid] = rid_state
     return state

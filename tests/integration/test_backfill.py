@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import EXAMPLES
 from helpers import (
     T0,
     artifact_files,
@@ -20,7 +21,6 @@ from helpers import (
     write_record,
 )
 
-from conftest import EXAMPLES
 from syncd import RunRecorder
 from syncd.projection import MAX_PARAM_VALUE_LENGTH
 
@@ -57,15 +57,20 @@ def test_examples_mirror_as_if_logged_directly(examples: Path, tracking_uri: str
     assert trial.data.tags["mlflow.parentRunId"] == parent.info.run_id
     # params as strings, as MLflow stores them
     first_params = [
-        json.loads(x) for x in (examples / "2025-11-22_dssm_sweep/trial_000/run_record.jsonl")
-        .read_text().splitlines() if json.loads(x)["type"] == "params"
+        json.loads(x)
+        for x in (examples / "2025-11-22_dssm_sweep/trial_000/run_record.jsonl")
+        .read_text()
+        .splitlines()
+        if json.loads(x)["type"] == "params"
     ]
     for event in first_params:
         for key, value in event["params"].items():
             assert trial.data.params[key] == str(value)
     # full metric history with steps and the record's timestamps
     record_points = []
-    for raw in (examples / "2025-11-22_dssm_sweep/trial_000/run_record.jsonl").read_text().splitlines():
+    for raw in (
+        (examples / "2025-11-22_dssm_sweep/trial_000/run_record.jsonl").read_text().splitlines()
+    ):
         obj = json.loads(raw)
         if obj["type"] == "metrics" and "loss" in obj["metrics"]:
             record_points.append((obj.get("step", 0), obj["ts"], obj["metrics"]["loss"]))
@@ -283,7 +288,9 @@ def test_over_long_param_is_kept_whole_as_an_artifact(
     stored = run.data.params["features"]
     assert len(stored) <= MAX_PARAM_VALUE_LENGTH
     assert "truncated" in stored and "syncd/params/features.txt" in stored
-    local = client.download_artifacts(run.info.run_id, "syncd/params/features.txt", str(workdir / "d"))
+    local = client.download_artifacts(
+        run.info.run_id, "syncd/params/features.txt", str(workdir / "d")
+    )
     assert Path(local).read_text() == value
 
 

@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import EXAMPLES, REPO
 from helpers import line, started, write_record
 from typer.testing import CliRunner
 
-from conftest import EXAMPLES, REPO
 from syncd.cli import app
 
 runner = CliRunner()
@@ -96,14 +96,24 @@ def test_quickstart_command_in_a_real_process(tmp_path: Path) -> None:
     env.pop("SYNCD_STATE_DIR", None)
     proc = subprocess.run(
         [str(syncd), "backfill", "examples/runs"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     assert "7 records: 7 clean" in proc.stdout
     assert (tmp_path / "mlflow.db").exists()
     again = subprocess.run(
         [str(syncd), "backfill", "examples/runs"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert again.returncode == 0
     assert "7 unchanged" in again.stdout

@@ -271,8 +271,12 @@ def test_first_line_changed_is_replaced() -> None:
 
 
 def test_clean_record_parses_without_errors() -> None:
-    data = started() + ev(1) + ev(2, "metrics", metrics={"loss": 1.0}) + ev(3, "run_finished",
-                                                                            status="FINISHED")
+    data = (
+        started()
+        + ev(1)
+        + ev(2, "metrics", metrics={"loss": 1.0})
+        + ev(3, "run_finished", status="FINISHED")
+    )
     parsed = parse_all(data)
     assert parsed.errors == []
     assert [(e.seq, e.line, e.type) for e in parsed.events] == [
@@ -393,7 +397,9 @@ def test_iter_events_yields_events_and_errors_in_line_order() -> None:
 
 keys = st.text(alphabet="abcdefghij_./:- é", min_size=1, max_size=8)
 finite = st.floats(allow_nan=False, allow_infinity=False)
-param_values = st.one_of(st.text(max_size=30), st.integers(-(10**12), 10**12), finite, st.booleans())
+param_values = st.one_of(
+    st.text(max_size=30), st.integers(-(10**12), 10**12), finite, st.booleans()
+)
 metric_values = st.one_of(
     finite, st.integers(-(10**9), 10**9), st.sampled_from(["NaN", "Infinity", "-Infinity"])
 )
@@ -415,8 +421,18 @@ body = st.one_of(
 
 
 def serialise(bodies: list[dict[str, Any]]) -> bytes:
-    out = [dumps({"v": 1, "seq": 0, "ts": TS, "type": "run_started", "record_id": "r1",
-                  "experiment": "e"})]
+    out = [
+        dumps(
+            {
+                "v": 1,
+                "seq": 0,
+                "ts": TS,
+                "type": "run_started",
+                "record_id": "r1",
+                "experiment": "e",
+            }
+        )
+    ]
     for seq, b in enumerate(bodies, start=1):
         out.append(dumps({"v": 1, "seq": seq, "ts": TS + seq, **b}))
     return b"".join(out)

@@ -87,7 +87,7 @@ def snapshot(client: Any) -> dict[str, Any]:
             "start": run.info.start_time,
             "end": run.info.end_time,
             "params": dict(run.data.params),
-            "tags": {k: v for k, v in run.data.tags.items()},
+            "tags": dict(run.data.tags.items()),
             "metrics": {
                 key: comparable_history(client, run.info.run_id, key) for key in run.data.metrics
             },

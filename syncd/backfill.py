@@ -127,12 +127,8 @@ def backfill(
     if ledger is None:  # a dry run before any sync: an in-memory ledger
         ledger = Ledger("sqlite://", sink_key(settings.tracking_uri))
     sink = MlflowSink(settings.tracking_uri, retry=RetryPolicy(attempts=5, max_delay=5.0))
-    defaults = {Path(root.path): root.experiment for root in settings.roots}
     engine = Engine(
-        ledger,
-        sink,
-        default_experiment=lambda record: _default_experiment(record, defaults),
-        dry_run=dry_run,
+        ledger, sink, default_experiment=root_experiments(settings.roots), dry_run=dry_run
     )
     log.info(
         "backfill_start",
@@ -165,11 +161,15 @@ def backfill(
     return summary
 
 
-def _default_experiment(record: Any, defaults: dict[Path, str | None]) -> str | None:
-    path = getattr(record, "path", None)
-    if path is None:
+def root_experiments(roots: Iterable[Root]) -> Callable[[Any], str | None]:
+    """The default experiment of the root a record lives under (for records naming none)."""
+    defaults = [(Path(root.path), root.experiment) for root in roots if root.experiment]
+
+    def experiment_for(record: Any) -> str | None:
+        path = getattr(record, "path", None)
+        for root, experiment in defaults:
+            if path is not None and path.is_relative_to(root):
+                return experiment
         return None
-    for root, experiment in defaults.items():
-        if experiment and path.is_relative_to(root):
-            return experiment
-    return None
+
+    return experiment_for

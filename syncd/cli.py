@@ -290,6 +290,52 @@ def _print_status(report: dict[str, Any]) -> None:
     typer.echo("\n".join(lines))
 
 
+@app.command()
+def run(
+    roots: Annotated[
+        list[str] | None,
+        typer.Argument(help="Folders to watch (default: the config's roots).", show_default=False),
+    ] = None,
+    config: ConfigOpt = None,
+    tracking_uri: TrackingOpt = None,
+    state_dir: StateOpt = None,
+    health_addr: Annotated[
+        str | None,
+        typer.Option(
+            "--health-addr",
+            help="HOST:PORT for /healthz, /readyz, /metrics [default: 127.0.0.1:9464]; 'off'.",
+            show_default=False,
+        ),
+    ] = None,
+    polling: Annotated[
+        bool,
+        typer.Option("--polling", help="Poll instead of inotify (NFS and similar filesystems)."),
+    ] = False,
+    log_format: LogFormatOpt = None,
+    log_level: LogLevelOpt = None,
+) -> None:
+    """Follow the roots and keep MLflow within a second of the records (the service).
+
+    SIGTERM/SIGINT drain and exit 0; SIGHUP reloads the config file.
+    """
+    from syncd.service import run_service
+
+    with _user_errors():
+        overrides: dict[str, Any] = {
+            "tracking_uri": tracking_uri,
+            "state_dir": str(state_dir) if state_dir else None,
+            "health_addr": health_addr,
+            "log.format": log_format,
+            "log.level": log_level,
+        }
+        if roots:
+            overrides["roots"] = [{"path": r} for r in roots]
+        if polling:
+            overrides["watch.mode"] = "polling"
+        code = run_service(config, overrides)
+    raise typer.Exit(code)
+
+
 def main() -> None:
     app()
 

@@ -73,6 +73,7 @@ class Outcome:
     retry_later: bool = False
     message: str | None = None
     run_id: str | None = None
+    offset: int = 0  # bytes of the record consumed after this sync
 
 
 class _Unset:
@@ -90,11 +91,13 @@ class Engine:
         *,
         default_experiment: Callable[[RecordFile], str | None] | None = None,
         dry_run: bool = False,
+        on_step: Callable[[], None] | None = None,
     ) -> None:
         self.ledger = ledger
         self.sink = sink
         self.default_experiment = default_experiment or (lambda _record: None)
         self.dry_run = dry_run
+        self.on_step = on_step or (lambda: None)
 
     def sync(self, record: RecordFile, row: RecordRow | _Unset | None = _UNSET) -> Outcome:
         """Bring MLflow up to date with the complete lines of ``record``.
@@ -142,6 +145,7 @@ class Engine:
             settled = lines.reached_end or parsed.held_back is not None
             if not self._step(record, row, parsed, (size, mtime_ns) if settled else None, outcome):
                 break
+            self.on_step()
             if parsed.held_back is not None or parsed.lines_consumed == 0:
                 break
         if row.offset == 0 and row.state == PENDING and not self.dry_run:
@@ -150,6 +154,7 @@ class Engine:
         elif not outcome.retry_later and row.state != FAILED:
             self._settle(row, size, mtime_ns)
         outcome.state = row.state
+        outcome.offset = row.offset
         return outcome
 
     # -- one step ------------------------------------------------------------------

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -403,8 +403,7 @@ class Ledger:
 
     # -- status --------------------------------------------------------------------
 
-    def summary(self) -> dict[str, Any]:
-        """Counts per state, the last sync, and every record with errors."""
+    def state_counts(self) -> dict[str, int]:
         with self.engine.connect() as conn:
             counts = dict(
                 conn.execute(
@@ -413,6 +412,12 @@ class Ledger:
                     .group_by(records.c.state)
                 ).all()
             )
+        return {state: int(counts.get(state, 0)) for state in STATES}
+
+    def summary(self) -> dict[str, Any]:
+        """Counts per state, the last sync, and every record with errors."""
+        counts = self.state_counts()
+        with self.engine.connect() as conn:
             last_sync = conn.execute(
                 sa.select(sa.func.max(records.c.last_sync_at)).where(records.c.sink == self.sink)
             ).scalar()
@@ -438,7 +443,7 @@ class Ledger:
         ]
         return {
             "sink": self.sink,
-            "records": {state: int(counts.get(state, 0)) for state in STATES},
+            "records": counts,
             "last_sync_at": last_sync,
             "records_with_errors": problems,
         }
@@ -509,8 +514,3 @@ def _record_values(sink: str, rec: RecordRow, now: float) -> dict[str, Any]:
 
 def extension_body(fields: dict[str, Any]) -> str:
     return json.dumps(fields, separators=(",", ":"), sort_keys=True)
-
-
-def iter_chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

@@ -19,7 +19,8 @@ _SECRET_KEYS = re.compile(
     r"pass(word)?|secret|token|authorization|credential|api[_-]?key|session[_-]?key|signature",
     re.IGNORECASE,
 )
-_URI_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*):(?P<pw>[^@/\s]+)@")
+# The password runs to the last '@' (passwords may hold '/'): redacting too much is safe.
+_URI_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*):(?P<pw>[^@\s]+)@")
 _AWS_KEY = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b")
 _BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=\-]+")
 _QUERY_SECRET = re.compile(

@@ -245,11 +245,6 @@ class _Planner:
             if reason:
                 self.problem(event, reason)
                 continue
-            if len(value) > MAX_PARAM_VALUE_LENGTH:
-                artifact_file = f"{LONG_PARAM_FOLDER}/{key}.txt"
-                self.plan.texts.append(TextArtifact(artifact_file, value))
-                marker = truncation_marker(artifact_file)
-                value = value[: MAX_PARAM_VALUE_LENGTH - len(marker)] + marker
             seen = self.params_seen.get(key)
             if seen is not None:
                 if seen != value:
@@ -260,6 +255,11 @@ class _Planner:
                     )
                 continue
             self.params_seen[key] = value
+            if len(value) > MAX_PARAM_VALUE_LENGTH:
+                artifact_file = f"{LONG_PARAM_FOLDER}/{key}.txt"
+                self.plan.texts.append(TextArtifact(artifact_file, value))
+                marker = truncation_marker(artifact_file)
+                value = value[: MAX_PARAM_VALUE_LENGTH - len(marker)] + marker
             self.add_param(Entry(key, value, event.line, event.seq))
 
     def metrics(self, event: Event) -> None:

@@ -69,11 +69,13 @@ def parse_line(raw: bytes, *, line: int, path: str = "") -> Event:
         return RecordError(reason, path=path, line=line, seq=seq)
 
     try:
-        obj = json.loads(raw)
+        obj = json.loads(raw, parse_constant=_refuse_constant)
     except UnicodeDecodeError as exc:
         raise fail(f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise fail(f"invalid JSON: {exc.msg} at column {exc.colno}") from None
+    except ValueError as exc:  # e.g. an integer with more digits than Python converts
+        raise fail(f"invalid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise fail(f"a line must be a JSON object, got {type(obj).__name__}")
 
@@ -116,6 +118,10 @@ def parse_line(raw: bytes, *, line: int, path: str = "") -> Event:
 
 class _FieldError(Exception):
     pass
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"bare {name} is not JSON; write it as the string \"{name}\"")
 
 
 def _is_int(value: object) -> bool:
@@ -208,7 +214,10 @@ def _metric_value(value: object) -> float | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            return None
     if isinstance(value, str):
         return NON_FINITE.get(value)
     return None

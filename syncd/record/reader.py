@@ -90,9 +90,10 @@ def read_complete_lines(
     if cut >= 0:
         reached_end = offset + len(buf) >= size
         return Lines(offset, offset + cut + 1, buf[:cut].split(b"\n"), reached_end)
-    # No newline in a whole chunk: either a line still being written or an overlong one.
+    # No newline in a whole chunk: a line still being written, or an overlong one.
+    # Scan on for its end without keeping more than MAX_LINE_BYTES of it.
     scan = offset + len(buf)
-    while scan < size and scan - offset <= MAX_LINE_BYTES:
+    while scan < size:
         more = read_at(scan, min(chunk_bytes, size - scan))
         if not more:
             break
@@ -101,10 +102,10 @@ def read_complete_lines(
             end = scan + nl + 1
             if end - offset - 1 > MAX_LINE_BYTES:
                 return Lines(offset, end, [None], reached_end=False)
-            return Lines(offset, end, (buf + more[:nl]).split(b"\n"), reached_end=False)
-        buf += more
+            return Lines(offset, end, [buf + more[:nl]], reached_end=False)
+        if len(buf) <= MAX_LINE_BYTES:
+            buf += more
         scan += len(more)
-    # Still being written (or overlong and still unterminated): wait for the newline.
     return Lines(offset, offset, [])
 
 

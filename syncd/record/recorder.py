@@ -104,14 +104,14 @@ class RunRecorder:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
             try:
                 existing = self._read_existing(fd)
+                if existing is None and not self._experiment:
+                    raise ValueError("a new run needs an experiment name")
             except BaseException:
                 os.close(fd)
                 raise
             self._fd = fd
             self._finished = False
             if existing is None:
-                if not self._experiment:
-                    raise ValueError("a new run needs an experiment name")
                 self._record_id = uuid.uuid4().hex
                 self._write("run_started", self._start_fields())
             else:

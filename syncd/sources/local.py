@@ -6,6 +6,7 @@ import fnmatch
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 from syncd.artifacts import ResolvedArtifact, resolve_artifact
 from syncd.record.events import RECORD_FILENAME
@@ -72,3 +73,8 @@ def find_records(root: Path, pattern: str = DEFAULT_PATTERN) -> Iterator[Path]:
                     yield Path(dirpath) / name
         return
     yield from sorted(p for p in root.glob(pattern) if p.is_file())
+
+
+def path_from_uri(uri: str) -> Path:
+    """The local path of a ``file://`` URI made by ``Path.as_uri()``."""
+    return Path(unquote(urlparse(uri).path))

@@ -199,13 +199,6 @@ def test_unterminated_overlong_line_waits(monkeypatch: pytest.MonkeyPatch) -> No
     assert lines.end == len(started())
 
 
-@pytest.mark.xfail(
-    raises=AssertionError,
-    reason="read_complete_lines gives up scanning after MAX_LINE_BYTES and returns no lines, so a"
-    " line longer than MAX_LINE_BYTES + chunk_bytes is never reported or skipped: the record"
-    " stalls forever",
-    strict=True,
-)
 def test_very_overlong_terminated_line_is_reported_and_skipped(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

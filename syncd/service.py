@@ -1,0 +1,493 @@
+"""``syncd run``: the long-running service over the same engine as backfill.
+
+One main loop owns the writes: it takes record notices (from the watcher
+threads and periodic rescans), waits a short linger so appends coalesce, syncs
+each changed record through the engine, and beats the heartbeat that
+``/healthz`` and systemd's watchdog read. If the loop is stuck, the pings stop
+and systemd restarts the service. Only the loop writes to MLflow, so a SQLite
+store is never contended from here.
+
+Signals: SIGTERM/SIGINT stop reading, drain what is queued (bounded by
+``writer.drain_timeout``) and exit 0; SIGHUP reloads the config file.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Mapping
+from contextlib import ExitStack
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import structlog
+
+from syncd.backfill import iter_record_files, open_ledger, root_experiments, sink_key
+from syncd.config import Settings, load_config
+from syncd.engine import Engine, Outcome
+from syncd.errors import ConfigError, SyncdError
+from syncd.health import HealthServer, HealthState, Metrics
+from syncd.ledger import Ledger
+from syncd.logging import configure, redact_text
+from syncd.notify import Notifier, watchdog_interval
+from syncd.sink import MlflowSink, RetryPolicy
+from syncd.sources.local import LocalRecord, path_from_uri
+from syncd.watch import Watcher
+
+log = structlog.get_logger("syncd.service")
+
+LOOP_TICK = 0.25  # seconds: the longest the loop sleeps without a heartbeat
+MAX_BACKOFF = 30.0
+RECORDS_PER_ROUND = 64  # records synced between two looks at signals and rescans
+STATUS_EVERY = 5.0
+LEDGER_GAUGES_EVERY = 10.0
+
+
+class Backlog:
+    """Records noticed but not yet synced: a coalescing set, bounded by the number of records.
+
+    Events themselves are never queued: they stay in the record files and are read
+    in bounded chunks when their record's turn comes, so memory stays flat
+    whatever the backlog.
+    """
+
+    def __init__(self) -> None:
+        self._since: dict[Path, float] = {}
+        self._lock = threading.Lock()
+        self.wake = threading.Event()
+
+    def add(self, path: Path, since: float | None = None) -> None:
+        with self._lock:
+            first = self._since.get(path)
+            when = since if since is not None else time.time()
+            if first is None or when < first:
+                self._since[path] = when
+        self.wake.set()
+
+    def take(self, limit: int) -> list[tuple[Path, float]]:
+        with self._lock:
+            items = sorted(self._since.items(), key=lambda kv: kv[1])[:limit]
+            for path, _ in items:
+                del self._since[path]
+            return items
+
+    def oldest(self) -> float | None:
+        with self._lock:
+            return min(self._since.values(), default=None)
+
+    def paths(self) -> list[Path]:
+        with self._lock:
+            return list(self._since)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._since)
+
+
+class Daemon:
+    def __init__(
+        self,
+        config_path: Path | None,
+        overrides: Mapping[str, Any],
+        settings: Settings,
+    ) -> None:
+        self.config_path = config_path
+        self.overrides = dict(overrides)
+        self.settings = settings
+        self.metrics = Metrics()
+        self.state = HealthState()
+        self.state_lock = threading.Lock()
+        self.backlog = Backlog()
+        self.notifier = Notifier()
+        self.stopping = False
+        self.reload_requested = False
+        self.ledger: Ledger | None = None
+        self.sink: MlflowSink | None = None
+        self.engine: Engine | None = None
+        self.watcher: Watcher | None = None
+        self.offsets: dict[Path, int] = {}
+        self.bytes_per_event = 100.0
+        self.retry_at = 0.0
+        self.backoff = 0.0
+        self.next_rescan = 0.0
+        self.last_ping = 0.0
+        self.last_status = 0.0
+        self.last_gauges = 0.0
+        self.synced_records = 0
+        self.ping_every = watchdog_interval()
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def run(self) -> int:
+        with ExitStack() as stack:
+            self._install_signals()
+            self._open()
+            stack.callback(self._close_ledger)
+            endpoint = self.settings.health_endpoint
+            if endpoint is not None:
+                server = HealthServer(
+                    *endpoint,
+                    self.state,
+                    self.metrics,
+                    stale_after=max(10.0, 4 * (self.ping_every or 0)),
+                    max_backlog=self.settings.writer.max_backlog_events,
+                    lock=self.state_lock,
+                )
+                server.start()
+                stack.callback(server.stop)
+            stack.callback(self._stop_watcher)
+            self._start_watcher()
+            self._check_sink()
+            self._rescan()
+            self.notifier.ready(self._status_line())
+            stack.callback(self.notifier.close)
+            log.info(
+                "service_ready",
+                tracking_uri=sink_key(self.settings.tracking_uri),
+                roots=[r.path for r in self.settings.roots],
+                health=self.settings.health_addr,
+                watchdog_ping_s=self.ping_every,
+            )
+            self._loop()
+            self._drain()
+        log.info("service_stopped")
+        return 0
+
+    def _install_signals(self) -> None:
+        def stop(signum: int, _frame: FrameType | None) -> None:
+            if self.stopping:
+                return
+            log.info("signal_received", signal=signal.Signals(signum).name, action="drain and stop")
+            self.stopping = True
+            self.backlog.wake.set()
+
+        def reload(_signum: int, _frame: FrameType | None) -> None:
+            self.reload_requested = True
+            self.backlog.wake.set()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, reload)
+
+    def _open(self) -> None:
+        """Ledger, sink and engine for the current settings."""
+        for root in self.settings.roots:
+            if root.is_s3:
+                raise ConfigError(f"roots: {root.path}: s3:// roots are not supported yet")
+        ledger = open_ledger(self.settings)
+        assert ledger is not None
+        self.ledger = ledger
+        self.sink = MlflowSink(
+            self.settings.tracking_uri, retry=RetryPolicy(attempts=2, max_delay=0.5)
+        )
+        self.engine = Engine(
+            ledger,
+            self.sink,
+            default_experiment=root_experiments(self.settings.roots),
+            on_step=self._beat,
+        )
+        self.offsets = {}
+        with self.state_lock:
+            self.state.ledger_open = True
+
+    def _close_ledger(self) -> None:
+        if self.ledger is not None:
+            self.ledger.close()
+            self.ledger = None
+        with self.state_lock:
+            self.state.ledger_open = False
+
+    def _start_watcher(self) -> None:
+        self.watcher = Watcher(
+            self.settings.roots,
+            self.backlog.add,
+            mode=self.settings.watch.mode,
+            poll_interval=self.settings.watch.poll_interval,
+        )
+        self.watcher.start()
+        with self.state_lock:
+            self.state.watch_mode = self.watcher.active_mode
+
+    def _stop_watcher(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+            self.watcher = None
+
+    # -- the loop ------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self.stopping:
+            self._beat()
+            if self.reload_requested:
+                self._reload()
+            now = time.monotonic()
+            if now >= self.next_rescan:
+                self._rescan()
+            if self._due():
+                self._sync_round(deadline=None)
+                continue
+            self.backlog.wake.clear()
+            self.backlog.wake.wait(self._sleep_for())
+
+    def _due(self) -> bool:
+        """True when records wait, the sink is not backing off and the linger has passed."""
+        oldest = self.backlog.oldest()
+        if oldest is None or time.monotonic() < self.retry_at:
+            return False
+        return time.time() - oldest >= self.settings.writer.linger_ms / 1000
+
+    def _sleep_for(self) -> float:
+        now = time.monotonic()
+        wait = min(LOOP_TICK, max(0.0, self.next_rescan - now))
+        oldest = self.backlog.oldest()
+        if oldest is not None:
+            if now < self.retry_at:
+                wait = min(wait, self.retry_at - now)
+            else:
+                linger_left = self.settings.writer.linger_ms / 1000 - (time.time() - oldest)
+                wait = min(wait, max(0.0, linger_left))
+        return max(wait, 0.001)
+
+    def _sync_round(self, deadline: float | None) -> None:
+        assert self.engine is not None
+        for path, since in self.backlog.take(RECORDS_PER_ROUND):
+            if deadline is not None and time.monotonic() > deadline:
+                self.backlog.add(path, since)
+                continue
+            record = LocalRecord(path)
+            started = time.perf_counter()
+            try:
+                outcome = self.engine.sync(record, self._row_for(path))
+            except SyncdError as exc:  # the ledger failed: keep the notice, try again later
+                log.error("sync_failed", file=str(path), error=str(exc))
+                self.backlog.add(path, since)
+                self._back_off(str(exc))
+                return
+            finally:
+                record.close()
+            self._account(path, outcome, time.perf_counter() - started)
+            if outcome.retry_later:
+                self.backlog.add(path, since)
+                self._back_off(outcome.message or "MLflow unavailable")
+                return
+            self._beat()
+            if self.reload_requested or (self.stopping and deadline is None):
+                return
+
+    def _row_for(self, path: Path) -> Any:
+        assert self.ledger is not None
+        return self.ledger.get_record(path.absolute().as_uri())
+
+    def _account(self, path: Path, outcome: Outcome, seconds: float) -> None:
+        m = self.metrics
+        if not outcome.skipped:
+            previous = self.offsets.get(path, 0)
+            self.offsets[path] = outcome.offset
+            if outcome.events:
+                consumed = max(outcome.offset - previous, 0)
+                if consumed:
+                    self.bytes_per_event = 0.9 * self.bytes_per_event + 0.1 * (
+                        consumed / outcome.events
+                    )
+                m.batch_size.observe(outcome.events)
+                m.write_duration.observe(seconds)
+        m.events.inc(outcome.events)
+        m.metric_points.inc(outcome.metric_points)
+        m.artifacts.inc(outcome.artifacts)
+        m.record_errors.inc(len(outcome.errors))
+        if self.sink is not None:
+            m.sink_retries.inc(self.sink.take_retries())
+        if outcome.retry_later:
+            m.sink_errors.labels(kind="transient").inc()
+            return
+        if outcome.state == "failed":
+            m.sink_errors.labels(kind="permanent").inc()
+        if outcome.events or outcome.state != "failed":
+            self._sink_ok()
+        if outcome.events:
+            self.synced_records += 1
+            now = time.time()
+            m.last_sync.set(now)
+            with self.state_lock:
+                self.state.last_sync_at = now
+                self.state.error_count += len(outcome.errors)
+
+    def _sink_ok(self) -> None:
+        if self.backoff:
+            log.info("sink_recovered")
+        self.backoff = 0.0
+        self.retry_at = 0.0
+        self.metrics.sink_up.set(1)
+        with self.state_lock:
+            self.state.sink_up = True
+            self.state.sink_error = None
+
+    def _back_off(self, reason: str) -> None:
+        self.backoff = min(MAX_BACKOFF, max(0.5, self.backoff * 2))
+        delay = random.uniform(self.backoff / 2, self.backoff)
+        self.retry_at = time.monotonic() + delay
+        self.metrics.sink_up.set(0)
+        with self.state_lock:
+            self.state.sink_up = False
+            self.state.sink_error = redact_text(reason)[:300]
+        log.warning("sink_backoff", retry_in_s=round(delay, 2), reason=redact_text(reason)[:300])
+
+    def _check_sink(self) -> None:
+        assert self.sink is not None
+        try:
+            self.sink.check()
+        except SyncdError as exc:
+            self._back_off(str(exc))
+        else:
+            self._sink_ok()
+
+    def _rescan(self) -> None:
+        """The safety net: every record whose size or mtime differs from the ledger."""
+        assert self.ledger is not None
+        started = time.perf_counter()
+        known = self.ledger.all_records()
+        queued = 0
+        try:
+            for _root, path in iter_record_files(self.settings.roots):
+                row = known.get(path.as_uri())
+                self.offsets.setdefault(path, row.offset if row else 0)
+                try:
+                    st = path.stat()
+                except FileNotFoundError:
+                    continue
+                if row is None or (row.size, row.mtime_ns) != (st.st_size, st.st_mtime_ns):
+                    self.backlog.add(path)
+                    queued += 1
+            for source, row in known.items():  # deleted files become "gone"
+                if row.state != "gone" and source.startswith("file://"):
+                    path = path_from_uri(source)
+                    if not path.exists() and any(
+                        path.is_relative_to(r.path) for r in self.settings.roots
+                    ):
+                        self.backlog.add(path)
+                        queued += 1
+        except ConfigError as exc:
+            log.error("rescan_failed", error=str(exc))
+        now = time.time()
+        self.next_rescan = time.monotonic() + self.settings.watch.rescan_interval
+        self.metrics.last_rescan.set(now)
+        with self.state_lock:
+            self.state.last_rescan_at = now
+        log.info(
+            "rescan",
+            queued=queued,
+            known=len(known),
+            seconds=round(time.perf_counter() - started, 3),
+        )
+
+    def _beat(self) -> None:
+        """The heartbeat: health state, gauges, watchdog pings, STATUS= lines."""
+        now = time.monotonic()
+        backlog_records = len(self.backlog)
+        backlog_bytes = self._backlog_bytes() if backlog_records else 0
+        events = int(backlog_bytes / max(self.bytes_per_event, 1.0))
+        oldest = self.backlog.oldest()
+        lag = max(0.0, time.time() - oldest) if oldest is not None else 0.0
+        with self.state_lock:
+            self.state.heartbeat = now
+            self.state.backlog_records = backlog_records
+            self.state.backlog_events = events
+            self.state.lag_seconds = round(lag, 3)
+            self.state.observer_alive = self.watcher.alive if self.watcher else True
+            self.state.stopping = self.stopping
+        m = self.metrics
+        m.backlog_records.set(backlog_records)
+        m.backlog_bytes.set(backlog_bytes)
+        m.backlog_events.set(events)
+        m.oldest_unsynced.set(lag)
+        if self.ping_every is not None and now - self.last_ping >= self.ping_every:
+            self.notifier.watchdog()
+            self.last_ping = now
+        if now - self.last_status >= STATUS_EVERY:
+            self.notifier.status(self._status_line())
+            self.last_status = now
+        if now - self.last_gauges >= LEDGER_GAUGES_EVERY and self.ledger is not None:
+            self.last_gauges = now
+            try:
+                for state, count in self.ledger.state_counts().items():
+                    m.records.labels(state=state).set(count)
+            except SyncdError as exc:
+                log.warning("ledger_gauges_failed", error=str(exc))
+
+    def _backlog_bytes(self) -> int:
+        total = 0
+        for path in self.backlog.paths()[:10_000]:
+            try:
+                total += max(0, path.stat().st_size - self.offsets.get(path, 0))
+            except OSError:
+                continue
+        return total
+
+    def _status_line(self) -> str:
+        with self.state_lock:
+            s = self.state
+            sink = "up" if s.sink_up else "DOWN"
+            return (
+                f"{self.synced_records} syncs, backlog {s.backlog_records} records,"
+                f" lag {s.lag_seconds:.1f}s, MLflow {sink}, watch {s.watch_mode}"
+            )
+
+    # -- reload and stop ---------------------------------------------------------------
+
+    def _reload(self) -> None:
+        self.reload_requested = False
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config_path, overrides=self.overrides)
+        except ConfigError as exc:
+            log.error("reload_rejected", error=str(exc), action="keeping the running config")
+            self.notifier.ready(self._status_line())
+            return
+        old = self.settings
+        if new.health_addr != old.health_addr:
+            log.warning("reload_health_addr_ignored", detail="a new health address needs a restart")
+        configure(new.log.format, new.log.level)
+        self._stop_watcher()
+        self.settings = new
+        if (new.tracking_uri, new.ledger_url_resolved) != (
+            old.tracking_uri,
+            old.ledger_url_resolved,
+        ):
+            self._close_ledger()
+            self._open()
+            self._check_sink()
+        elif self.engine is not None:
+            self.engine.default_experiment = root_experiments(new.roots)
+        self._start_watcher()
+        self.next_rescan = 0.0
+        self.notifier.ready(self._status_line())
+        log.info("config_reloaded", roots=[r.path for r in new.roots])
+
+    def _drain(self) -> None:
+        """Stop reading; finish what is queued within the drain timeout."""
+        self.notifier.stopping()
+        self._stop_watcher()
+        deadline = time.monotonic() + self.settings.writer.drain_timeout
+        while len(self.backlog) and time.monotonic() < deadline:
+            if time.monotonic() < self.retry_at:
+                time.sleep(min(0.1, self.retry_at - time.monotonic()))
+                continue
+            self._sync_round(deadline=deadline)
+        left = len(self.backlog)
+        if left:
+            log.warning("drain_incomplete", records_left=left, detail="caught up on next start")
+        else:
+            log.info("drained")
+
+
+def run_service(config_path: Path | None, overrides: Mapping[str, Any]) -> int:
+    settings = load_config(config_path, overrides=overrides)
+    configure(settings.log.format, settings.log.level)
+    if not settings.roots:
+        raise ConfigError("roots: no roots to watch (give ROOT arguments or 'roots' in the config)")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(settings.timeouts.http)))
+    return Daemon(config_path, overrides, settings).run()

@@ -121,7 +121,7 @@ class _FieldError(Exception):
 
 
 def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"bare {name} is not JSON; write it as the string \"{name}\"")
+    raise ValueError(f'bare {name} is not JSON; write it as the string "{name}"')
 
 
 def _is_int(value: object) -> bool:

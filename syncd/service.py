@@ -129,14 +129,20 @@ class Daemon:
             stack.callback(self._close_ledger)
             endpoint = self.settings.health_endpoint
             if endpoint is not None:
-                server = HealthServer(
-                    *endpoint,
-                    self.state,
-                    self.metrics,
-                    stale_after=max(10.0, 4 * (self.ping_every or 0)),
-                    max_backlog=self.settings.writer.max_backlog_events,
-                    lock=self.state_lock,
-                )
+                try:
+                    server = HealthServer(
+                        *endpoint,
+                        self.state,
+                        self.metrics,
+                        stale_after=max(10.0, 4 * (self.ping_every or 0)),
+                        max_backlog=self.settings.writer.max_backlog_events,
+                        lock=self.state_lock,
+                    )
+                except OSError as exc:
+                    raise ConfigError(
+                        f"health_addr: cannot listen on {self.settings.health_addr}:"
+                        f" {exc.strerror or exc}"
+                    ) from exc
                 server.start()
                 stack.callback(server.stop)
             stack.callback(self._stop_watcher)

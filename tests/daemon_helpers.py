@@ -170,6 +170,8 @@ class MlflowServer:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # No background job runner (a dozen worker processes): only tracking is tested.
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         )
 
         def up() -> bool:

@@ -6,6 +6,7 @@ import json
 import shutil
 import signal
 import socket
+import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_helpers import MlflowServer, SyncdProcess, free_port, wait_for
+from daemon_helpers import SYNCD, MlflowServer, SyncdProcess, free_port, wait_for
 from helpers import history, runs_by_record
 
 from syncd import RunRecorder
@@ -107,17 +108,32 @@ def test_polling_with_rescans_only_converges(
     root.mkdir()
     config = workdir / "syncd.yaml"
     config.write_text("watch:\n  mode: polling\n  poll_interval: 3600\n  rescan_interval: 0.5\n")
-    syncd = daemon_factory(str(root), "--config", str(config), "--tracking-uri", tracking_uri)
-    syncd.wait_ready()
-    assert syncd.health()[1]["watch_mode"] == "polling"
-    rec = RunRecorder(root / "a" / "b", experiment="e").start()
-    rec.log_metrics({"x": 1.0})
-    rec.finish()
-    wait_for(lambda: visible_points(client, rec.record_id, "x") == 1, 20, what="rescan")
-    assert syncd.stop() == 0
+    notify = NotifySocket(workdir / "notify.sock")
+    try:
+        syncd = daemon_factory(
+            str(root),
+            "--config",
+            str(config),
+            "--tracking-uri",
+            tracking_uri,
+            env={"NOTIFY_SOCKET": str(notify.path)},
+        )
+        syncd.wait_ready()
+        assert syncd.health()[1]["watch_mode"] == "polling"
+        rec = RunRecorder(root / "a" / "b", experiment="e").start()
+        rec.log_metrics({"x": 1.0})
+        rec.finish()
+        wait_for(lambda: visible_points(client, rec.record_id, "x") == 1, 20, what="rescan")
+        assert syncd.stop() == 0
+        assert notify.fields("READY=1") and notify.fields("STOPPING=1")
+        assert not notify.fields("WATCHDOG=1")  # no WatchdogSec, no pings
+    finally:
+        notify.close()
 
 
 def test_health_endpoints_and_metrics(workdir: Path, tracking_uri: str, daemon_factory) -> None:
+    from mlflow.tracking import MlflowClient
+
     root = workdir / "runs"
     rec = RunRecorder(root / "r", experiment="e").start()
     rec.log_metrics({"a": 1.0, "b": 2.0})
@@ -158,14 +174,39 @@ def test_health_endpoints_and_metrics(workdir: Path, tracking_uri: str, daemon_f
     assert "syncd_record_errors_total 1.0" in text
     wait_for(lambda: 'syncd_records{state="error"} 1.0' in metrics(), 20)
     assert syncd.get("/nope")[0] == 404
+
+    # a deleted record: kept in the ledger as gone, MLflow untouched
+    bad.unlink()
+    wait_for(lambda: 'syncd_records{state="gone"} 1.0' in metrics(), 30, what="gone record")
+    assert "b1" in runs_by_record(MlflowClient(tracking_uri))
     assert syncd.stop() == 0
+
+    # the health port already taken: a clear configuration error, no traceback
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [
+                SYNCD,
+                "run",
+                str(root),
+                "--tracking-uri",
+                tracking_uri,
+                "--health-addr",
+                f"127.0.0.1:{port}",
+            ],
+            cwd=workdir,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert proc.returncode == 2 and "health_addr" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_config_errors_exit_two_naming_the_key(workdir: Path) -> None:
-    import subprocess
-
-    from daemon_helpers import SYNCD
-
     config = workdir / "bad.yaml"
     config.write_text("roots: [runs]\nwriter:\n  linger_ms: -5\n")
     proc = subprocess.run(

@@ -405,7 +405,7 @@ class Ledger:
 
     def state_counts(self) -> dict[str, int]:
         with self.engine.connect() as conn:
-            counts = dict(
+            counts: dict[str, int] = dict(
                 conn.execute(
                     sa.select(records.c.state, sa.func.count())
                     .where(records.c.sink == self.sink)

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -27,6 +28,7 @@ import structlog
 from syncd.artifacts import ResolvedArtifact
 from syncd.errors import PermanentSinkError, RecordError, SinkError, TransientSinkError
 from syncd.projection import (
+    MAX_PARAMS_TAGS_PER_BATCH,
     PARENT_RUN_TAG,
     RECORD_ID_TAG,
     Batch,
@@ -298,10 +300,13 @@ class MlflowSink:
         batches = list(plan.batches)
         if plan.run is not None and not created:
             # Adopted or known run replayed from the start: its run tags again (idempotent).
-            tags = [Entry(k, v) for k, v in plan.run.tags.items()]
+            run_tags = [Entry(k, v) for k, v in plan.run.tags.items()]
             if parent_run_id:
-                tags.append(Entry(PARENT_RUN_TAG, parent_run_id))
-            batches[:0] = [Batch(tags=tags[i : i + 100]) for i in range(0, len(tags), 100)]
+                run_tags.append(Entry(PARENT_RUN_TAG, parent_run_id))
+            batches[:0] = [
+                Batch(tags=run_tags[i : i + MAX_PARAMS_TAGS_PER_BATCH])
+                for i in range(0, len(run_tags), MAX_PARAMS_TAGS_PER_BATCH)
+            ]
         for batch in batches:
             self._log_batch(run_id, batch, result)
         for text in plan.texts:
@@ -359,11 +364,11 @@ class MlflowSink:
         # MLflow refused the batch as a whole: find the entries it refuses, keep the rest.
         log.info("batch_refused_isolating", run_id=run_id, error=str(first_error)[:300])
         for metric in batch.metrics:
-            self._try_entry(result, metric.line, metric.seq, lambda m=metric: call([m], [], []))
+            self._try_entry(result, metric.line, metric.seq, partial(call, [metric], [], []))
         for param in batch.params:
-            self._try_entry(result, param.line, param.seq, lambda p=param: call([], [p], []))
+            self._try_entry(result, param.line, param.seq, partial(call, [], [param], []))
         for tag in batch.tags:
-            self._try_entry(result, tag.line, tag.seq, lambda t=tag: call([], [], [t]))
+            self._try_entry(result, tag.line, tag.seq, partial(call, [], [], [tag]))
 
     def _try_entry(self, result: ApplyResult, line: int, seq: int, fn: Callable[[], None]) -> None:
         try:

@@ -79,9 +79,9 @@ def parse_line(raw: bytes, *, line: int, path: str = "") -> Event:
     if not isinstance(obj, dict):
         raise fail(f"a line must be a JSON object, got {type(obj).__name__}")
 
-    seq = obj.get("seq")
+    seq: Any = obj.get("seq")
     seq_or_none = seq if _is_int(seq) else None
-    version = obj.get("v")
+    version: Any = obj.get("v")
     if not _is_int(version):
         raise fail("field 'v' (format version) must be an integer", seq_or_none)
     if version > FORMAT_VERSION:
@@ -96,7 +96,7 @@ def parse_line(raw: bytes, *, line: int, path: str = "") -> Event:
         raise fail(f"unsupported version {version}", seq_or_none)
     if seq_or_none is None or seq_or_none < 0:
         raise fail("field 'seq' must be a non-negative integer")
-    ts = obj.get("ts")
+    ts: Any = obj.get("ts")
     if not _is_int(ts) or ts < 0:
         raise fail("field 'ts' must be a non-negative integer (milliseconds)", seq)
     etype = obj.get("type")

@@ -89,7 +89,8 @@ def read_complete_lines(
     cut = buf.rfind(b"\n")
     if cut >= 0:
         reached_end = offset + len(buf) >= size
-        return Lines(offset, offset + cut + 1, buf[:cut].split(b"\n"), reached_end)
+        lines: list[bytes | None] = list(buf[:cut].split(b"\n"))
+        return Lines(offset, offset + cut + 1, lines, reached_end)
     # No newline in a whole chunk: a line still being written, or an overlong one.
     # Scan on for its end without keeping more than MAX_LINE_BYTES of it.
     scan = offset + len(buf)

@@ -76,22 +76,27 @@ def _main(
     """Mirror run records into MLflow, idempotently."""
 
 
-def _settings(
-    config: Path | None,
+def _overrides(
     *,
+    roots: list[str] | None = None,
     tracking_uri: str | None = None,
     state_dir: Path | None = None,
     log_format: str | None = None,
     log_level: str | None = None,
     **extra: Any,
-) -> Settings:
-    overrides: dict[str, Any] = {
+) -> dict[str, Any]:
+    """Flag values as config overrides (flags the user did not give stay None: not set)."""
+    return {
+        "roots": [{"path": r} for r in roots] if roots else None,
         "tracking_uri": tracking_uri,
         "state_dir": str(state_dir) if state_dir else None,
         "log.format": log_format,
         "log.level": log_level,
         **extra,
     }
+
+
+def _settings(config: Path | None, overrides: dict[str, Any]) -> Settings:
     settings = load_config(config, overrides=overrides)
     configure(settings.log.format, settings.log.level)
     return settings
@@ -179,16 +184,15 @@ def backfill(
     from syncd.backfill import backfill as run_backfill
 
     with _user_errors():
-        overrides: dict[str, Any] = {}
-        if roots:
-            overrides["roots"] = [{"path": r} for r in roots]
         settings = _settings(
             config,
-            tracking_uri=tracking_uri,
-            state_dir=state_dir,
-            log_format=log_format,
-            log_level=log_level,
-            **overrides,
+            _overrides(
+                roots=roots,
+                tracking_uri=tracking_uri,
+                state_dir=state_dir,
+                log_format=log_format,
+                log_level=log_level,
+            ),
         )
         if not settings.roots:
             raise ConfigError("no roots: give ROOT arguments or 'roots' in the config file")
@@ -240,10 +244,12 @@ def status(
     with _user_errors():
         settings = _settings(
             config,
-            tracking_uri=tracking_uri,
-            state_dir=state_dir,
-            log_format=log_format,
-            log_level=log_level,
+            _overrides(
+                tracking_uri=tracking_uri,
+                state_dir=state_dir,
+                log_format=log_format,
+                log_level=log_level,
+            ),
         )
         ledger = open_ledger(settings, read_only=True)
         if ledger is None:
@@ -321,17 +327,15 @@ def run(
     from syncd.service import run_service
 
     with _user_errors():
-        overrides: dict[str, Any] = {
-            "tracking_uri": tracking_uri,
-            "state_dir": str(state_dir) if state_dir else None,
-            "health_addr": health_addr,
-            "log.format": log_format,
-            "log.level": log_level,
-        }
-        if roots:
-            overrides["roots"] = [{"path": r} for r in roots]
-        if polling:
-            overrides["watch.mode"] = "polling"
+        overrides = _overrides(
+            roots=roots,
+            tracking_uri=tracking_uri,
+            state_dir=state_dir,
+            log_format=log_format,
+            log_level=log_level,
+            health_addr=health_addr,
+            **{"watch.mode": "polling" if polling else None},
+        )
         code = run_service(config, overrides)
     raise typer.Exit(code)
 

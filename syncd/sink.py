@@ -143,6 +143,9 @@ class MlflowSink:
         self.retry = retry or RetryPolicy()
         self._client: MlflowClient | None = None
         self._experiments: dict[str, str] = {}
+        # Experiments this sink created: they hold no runs but the ones it made itself,
+        # so a record without a ledger mapping needs no adoption search there.
+        self._created_experiments: set[str] = set()
         db = sqlite_path(tracking_uri)
         self._lock = _FileLock(db.with_name(db.name + ".syncd-lock")) if db else None
         self._retries = 0
@@ -211,6 +214,7 @@ class MlflowSink:
         if exp is None:
             try:
                 exp_id = self.client.create_experiment(name)
+                self._created_experiments.add(str(exp_id))
             except Exception as exc:
                 err = classify(exc)
                 if isinstance(err, TransientSinkError):
@@ -234,6 +238,9 @@ class MlflowSink:
     def find_run(self, experiment_id: str, record_id: str) -> Any | None:
         """The run already carrying ``syncd.record_id``, if any (adoption)."""
         from mlflow.entities import ViewType
+
+        if experiment_id in self._created_experiments:
+            return None
 
         found = self._call(
             "search_runs",

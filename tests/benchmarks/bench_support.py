@@ -38,9 +38,10 @@ def write_training_record(
     metric_keys: tuple[str, ...],
     experiment: str,
     seed: int = 0,
+    tags_event: bool = True,
 ) -> int:
     """One record in the v1 format, as ``RunRecorder`` writes it: started, params,
-    tags, one ``metrics`` event per step, finished. Returns the metric points written."""
+    (tags), one ``metrics`` event per step, finished. Returns the metric points written."""
     rng = random.Random(seed * 1_000_003 + index)
     run_dir.mkdir(parents=True, exist_ok=True)
     ts = T0 + index * 10_000_000
@@ -75,7 +76,8 @@ def write_training_record(
             "dropout": round(rng.uniform(0, 0.5), 3),
         },
     )
-    event("tags", tags={"team": "ranking", "trial": str(index)})
+    if tags_event:
+        event("tags", tags={"team": "ranking", "trial": str(index)})
     points = 0
     base = {key: rng.uniform(0.5, 2.0) for key in metric_keys}
     for step in range(steps):
@@ -102,6 +104,7 @@ def make_tree(
     experiments: int = 1,
     seed: int = 0,
     fanout: int = 0,
+    tags_event: bool = True,
 ) -> int:
     """``records`` records under ``root`` (grouped ``fanout`` per folder when > 0);
     returns the metric points written."""
@@ -115,6 +118,7 @@ def make_tree(
             metric_keys=metric_keys,
             experiment=f"bench-exp-{i % experiments}",
             seed=seed,
+            tags_event=tags_event,
         )
     return points
 
@@ -122,9 +126,19 @@ def make_tree(
 # -- processes -------------------------------------------------------------------------
 
 
-def clean_env(**extra: str) -> dict[str, str]:
+def clean_env(pycache: Path | None = None, **extra: str) -> dict[str, str]:
+    """The environment of a measured process: no SYNCD_* / MLFLOW_TRACKING* leaking in.
+
+    With ``pycache``, bytecode is cached under that folder (PYTHONPYCACHEPREFIX) even
+    when the caller's environment sets PYTHONDONTWRITEBYTECODE: an installed package
+    has its .pyc files, and without them every process would spend seconds compiling
+    MLflow, which would measure the environment rather than the tools.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SYNCD_", "MLFLOW_TRACKING"))}
     env.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    if pycache is not None:
+        env["PYTHONPYCACHEPREFIX"] = str(pycache)
+        env["PYTHONDONTWRITEBYTECODE"] = ""  # empty = unset for Python
     env.update(extra)
     return env
 
@@ -176,6 +190,13 @@ def run_with_peak_rss(args: list[str], *, cwd: Path, env: dict[str, str] | None 
     )
 
 
+def parse_json_summary(stdout: str) -> dict[str, Any]:
+    """The ``syncd backfill --json`` summary document on stdout."""
+    start = stdout.find("{")
+    assert start >= 0, f"no JSON summary on stdout: {stdout[-2000:]!r}"
+    return dict(json.loads(stdout[start:]))
+
+
 def count_rows(db: Path, table: str = "metrics") -> int:
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
         return int(conn.execute(f"select count(*) from {table}").fetchone()[0])
@@ -196,8 +217,21 @@ class Row:
 
 @dataclass
 class Report:
+    path: Path
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    started: str = field(
+        default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    )
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+        print(f"  note: {text}")
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.as_dict(), indent=2) + "\n", encoding="utf-8")
 
     def add(
         self,
@@ -210,14 +244,14 @@ class Report:
     ) -> None:
         row = Row(figure, value, unit, target, passed, benchmark)
         self.rows.append(row)
-        print(f"  [{benchmark}] {figure}: {_fmt(value)} {unit}  {target} {_verdict(passed)}")
-
-    def machine(self) -> dict[str, Any]:
-        return machine_info()
+        tail = f"  (target {target}: {_verdict(passed)})" if target else ""
+        print(f"  [{benchmark}] {figure}: {_fmt(value)} {unit}".rstrip() + tail)
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "started": self.started,
             "machine": machine_info(),
+            "all_passed": all(r.passed is not False for r in self.rows),
             "rows": [asdict(r) for r in self.rows],
             "notes": self.notes,
         }
@@ -225,7 +259,7 @@ class Report:
     def table(self) -> str:
         info = machine_info()
         head = (
-            f"syncd benchmarks  {info['date']}\n"
+            f"syncd benchmarks  started {self.started}, ended {info['date']}\n"
             f"platform: {info['platform']}  python {info['python']}\n"
             f"cpu: {info['cpu_model']} x{info['cpus']}  load avg at end: {info['loadavg']}"
         )
@@ -287,3 +321,16 @@ def machine_info() -> dict[str, Any]:
         "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "maxrss_self_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
+
+
+def percentile(sorted_values: list[float], pct: float) -> float:
+    """Nearest-rank percentile of an ascending list."""
+    if not sorted_values:
+        raise ValueError("no values")
+    rank = max(1, math.ceil(pct / 100 * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    return int(raw) if raw else default

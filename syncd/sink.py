@@ -68,7 +68,6 @@ class ApplyResult:
     created: bool
     problems: list[RecordError] = field(default_factory=list)
     uploaded: dict[str, str] = field(default_factory=dict)  # artifact key -> digest
-    retries: int = 0
 
 
 def classify(exc: BaseException) -> SinkError:
@@ -199,6 +198,7 @@ class MlflowSink:
             self._call("search_experiments", self.client.search_experiments, max_results=1)
 
     def take_retries(self) -> int:
+        """Calls retried since the last time this was asked (for the retries counter)."""
         count, self._retries = self._retries, 0
         return count
 
@@ -333,7 +333,6 @@ class MlflowSink:
                     status=plan.status.status,
                     end_time=plan.status.end_time,
                 )
-        result.retries = self.take_retries()
         return result
 
     def link_parent(self, run_id: str, parent_run_id: str) -> None:

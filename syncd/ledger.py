@@ -35,7 +35,7 @@ BLOCKED = "blocked"  # a newer format version holds the rest back
 PENDING = "pending"  # no complete first line yet
 GONE = "gone"  # the file disappeared; MLflow untouched
 STATES = (SYNCED, ERROR, FAILED, BLOCKED, PENDING, GONE)
-SETTLED_STATES = frozenset({SYNCED, ERROR, BLOCKED})  # nothing to do until the file changes
+SETTLED_STATES = frozenset({SYNCED, ERROR, BLOCKED, PENDING})  # nothing to do until it changes
 
 metadata = sa.MetaData()
 

@@ -213,10 +213,17 @@ class Daemon:
             self.backlog.add,
             mode=self.settings.watch.mode,
             poll_interval=self.settings.watch.poll_interval,
+            on_overflow=self._rescan_soon,
         )
         self.watcher.start()
         with self.state_lock:
             self.state.watch_mode = self.watcher.active_mode
+
+    def _rescan_soon(self) -> None:
+        """Called from the watcher thread: events were lost, rescan on the next turn."""
+        log.warning("watch_events_lost", action="full rescan")
+        self.next_rescan = 0.0
+        self.backlog.wake.set()
 
     def _stop_watcher(self) -> None:
         if self.watcher is not None:

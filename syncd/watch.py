@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -69,16 +70,44 @@ class RecordEventHandler(FileSystemEventHandler):
             log.exception("watch_handler_failed", path=str(event.src_path))
 
 
-class Watcher:
-    """One observer over every local root; falls back to polling where inotify fails."""
+class _OverflowAlarm(logging.Handler):
+    """watchdog reports a kernel inotify queue overflow only as a log record: act on it."""
 
-    def __init__(self, roots: list[Root], notice: Notice, *, mode: str, poll_interval: float):
+    def __init__(self, on_overflow: Callable[[], None]) -> None:
+        super().__init__(logging.WARNING)
+        self.on_overflow = on_overflow
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in record.getMessage().lower():
+            self.on_overflow()
+
+
+_INOTIFY_LOGGERS = ("watchdog.observers.inotify", "watchdog.observers.inotify_c")
+
+
+class Watcher:
+    """One observer over every local root; falls back to polling where inotify fails.
+
+    ``on_overflow`` is called when the kernel dropped events (inotify queue
+    overflow): the caller should rescan, since some changes went unseen.
+    """
+
+    def __init__(
+        self,
+        roots: list[Root],
+        notice: Notice,
+        *,
+        mode: str,
+        poll_interval: float,
+        on_overflow: Callable[[], None] | None = None,
+    ):
         self.roots = [r for r in roots if not r.is_s3]
         self.notice = notice
         self.mode = mode
         self.poll_interval = poll_interval
         self.observer: Any = None
         self.active_mode = "off"
+        self._alarm = _OverflowAlarm(on_overflow) if on_overflow else None
 
     def start(self) -> None:
         if not self.roots:
@@ -106,6 +135,9 @@ class Watcher:
             observer.schedule(RecordEventHandler(root, self.notice), root.path, recursive=True)
         observer.daemon = True
         observer.start()
+        if self._alarm is not None:
+            for name in _INOTIFY_LOGGERS:
+                logging.getLogger(name).addHandler(self._alarm)
         self.observer = observer
         self.active_mode = "polling" if polling else "inotify"
         log.info("watching", mode=self.active_mode, roots=[r.path for r in self.roots])
@@ -115,6 +147,9 @@ class Watcher:
         return self.observer is None or bool(self.observer.is_alive())
 
     def stop(self) -> None:
+        if self._alarm is not None:
+            for name in _INOTIFY_LOGGERS:
+                logging.getLogger(name).removeHandler(self._alarm)
         if self.observer is not None:
             self.observer.stop()
             self.observer.join(timeout=5)

@@ -12,9 +12,6 @@ import pytest
 os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 
-REPO = Path(__file__).resolve().parent.parent
-EXAMPLES = REPO / "examples" / "runs"
-
 
 @pytest.fixture(scope="session")
 def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -10,6 +10,8 @@ from syncd.backfill import Summary, backfill
 from syncd.config import load_config
 
 T0 = 1_763_800_000_000
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples" / "runs"
 
 
 def line(seq: int, etype: str, ts: int | None = None, **fields: Any) -> str:

@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLES
 from helpers import (
+    EXAMPLES,
     T0,
     artifact_files,
     history,

@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLES, REPO
-from helpers import line, started, write_record
+from helpers import EXAMPLES, REPO, line, started, write_record
 from typer.testing import CliRunner
 
 from syncd.cli import app

@@ -9,8 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLES
-from helpers import line, runs_by_record, started, write_record
+from helpers import EXAMPLES, line, runs_by_record, started, write_record
 
 from syncd.backfill import backfill
 from syncd.config import load_config

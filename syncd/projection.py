@@ -11,6 +11,7 @@ order and de-duplicate -> chunk into batches -> plan.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import posixpath
 import re
@@ -138,6 +139,7 @@ class WritePlan:
         )
 
 
+@functools.lru_cache(maxsize=4096)  # the same few keys repeat in every event
 def name_problem(kind: str, name: str) -> str | None:
     """Why MLflow would refuse ``name`` as a metric, param or tag key (None if it would not)."""
     if not name:

@@ -69,7 +69,7 @@ def parse_line(raw: bytes, *, line: int, path: str = "") -> Event:
         return RecordError(reason, path=path, line=line, seq=seq)
 
     try:
-        obj = json.loads(raw, parse_constant=_refuse_constant)
+        obj = _decode(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise fail(f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
@@ -122,6 +122,10 @@ class _FieldError(Exception):
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f'bare {name} is not JSON; write it as the string "{name}"')
+
+
+# One decoder for every line (json.loads with options would build a new one per call).
+_decode = json.JSONDecoder(parse_constant=_refuse_constant).decode
 
 
 def _is_int(value: object) -> bool:

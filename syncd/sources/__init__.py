@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Protocol
 
 from syncd.artifacts import ResolvedArtifact
@@ -32,4 +31,4 @@ class RecordFile(Protocol):
         ...
 
 
-__all__ = ["Path", "RecordFile"]
+__all__ = ["RecordFile"]

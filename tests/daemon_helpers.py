@@ -19,6 +19,20 @@ T = TypeVar("T")
 SYNCD = str(Path(sys.executable).with_name("syncd"))
 
 
+def run_syncd(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """The console script as a user runs it, without SYNCD_* or MLFLOW_TRACKING_URI set."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SYNCD_", "MLFLOW_TRACKING"))}
+    return subprocess.run(
+        [SYNCD, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

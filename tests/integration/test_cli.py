@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from daemon_helpers import run_syncd
 from helpers import EXAMPLES, REPO, line, started, write_record
 from typer.testing import CliRunner
 
@@ -90,30 +88,11 @@ def test_relative_sqlite_uri_is_resolved_once_and_logged_absolute(
 def test_quickstart_command_in_a_real_process(tmp_path: Path) -> None:
     """The README's first command, as a subprocess of the installed console script."""
     shutil.copytree(EXAMPLES, tmp_path / "examples" / "runs")
-    syncd = Path(sys.executable).with_name("syncd")
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI",)}
-    env.pop("SYNCD_STATE_DIR", None)
-    proc = subprocess.run(
-        [str(syncd), "backfill", "examples/runs"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    proc = run_syncd("backfill", "examples/runs", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "7 records: 7 clean" in proc.stdout
     assert (tmp_path / "mlflow.db").exists()
-    again = subprocess.run(
-        [str(syncd), "backfill", "examples/runs"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    again = run_syncd("backfill", "examples/runs", cwd=tmp_path)
     assert again.returncode == 0
     assert "7 unchanged" in again.stdout
     assert "Traceback" not in proc.stderr + again.stderr

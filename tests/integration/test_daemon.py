@@ -6,7 +6,6 @@ import json
 import shutil
 import signal
 import socket
-import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,7 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_helpers import SYNCD, MlflowServer, SyncdProcess, free_port, wait_for
+from daemon_helpers import (
+    MlflowServer,
+    SyncdProcess,
+    free_port,
+    run_syncd,
+    wait_for,
+)
 from helpers import history, runs_by_record
 
 from syncd import RunRecorder
@@ -186,21 +191,15 @@ def test_health_endpoints_and_metrics(workdir: Path, tracking_uri: str, daemon_f
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        proc = subprocess.run(
-            [
-                SYNCD,
-                "run",
-                str(root),
-                "--tracking-uri",
-                tracking_uri,
-                "--health-addr",
-                f"127.0.0.1:{port}",
-            ],
+        proc = run_syncd(
+            "run",
+            str(root),
+            "--tracking-uri",
+            tracking_uri,
+            "--health-addr",
+            f"127.0.0.1:{port}",
             cwd=workdir,
-            capture_output=True,
-            text=True,
             timeout=120,
-            check=False,
         )
     assert proc.returncode == 2 and "health_addr" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -209,25 +208,11 @@ def test_health_endpoints_and_metrics(workdir: Path, tracking_uri: str, daemon_f
 def test_config_errors_exit_two_naming_the_key(workdir: Path) -> None:
     config = workdir / "bad.yaml"
     config.write_text("roots: [runs]\nwriter:\n  linger_ms: -5\n")
-    proc = subprocess.run(
-        [SYNCD, "run", "--config", str(config)],
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc = run_syncd("run", "--config", str(config), cwd=workdir)
     assert proc.returncode == 2
     assert "writer.linger_ms" in proc.stderr and "Traceback" not in proc.stderr
     config.write_text("roots: [runs]\nwach: {}\n")
-    proc = subprocess.run(
-        [SYNCD, "run", "--config", str(config)],
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc = run_syncd("run", "--config", str(config), cwd=workdir)
     assert proc.returncode == 2 and "wach" in proc.stderr
 
 

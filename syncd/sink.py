@@ -268,7 +268,8 @@ class MlflowSink:
     ) -> ApplyResult:
         """Apply a plan; entries MLflow refuses are reported, the rest lands."""
         with self._serialised():
-            result = self._apply(plan, run_id, experiment_id, parent_run_id, uploads)
+            result = self._resolve_run(plan, run_id, experiment_id, parent_run_id)
+            self._write(plan, result, parent_run_id, uploads)
         if not self._heap_frozen:
             # MLflow, SQLAlchemy and their stores are loaded now and live as long as the
             # process. Moving them out of the cyclic GC's reach keeps its full
@@ -278,46 +279,53 @@ class MlflowSink:
             self._heap_frozen = True
         return result
 
-    def _apply(
+    def _resolve_run(
         self,
         plan: WritePlan,
         run_id: str | None,
         experiment_id: str | None,
         parent_run_id: str | None,
-        uploads: list[ResolvedArtifact],
     ) -> ApplyResult:
-        created = False
-        if run_id is None or experiment_id is None:
-            if plan.run is None:
-                raise PermanentSinkError("the record has no run yet (its run_started is missing)")
-            experiment_id = self.experiment_id(plan.run.experiment)
-            existing = self.find_run(experiment_id, plan.run.record_id)
-            if existing is None:
-                tags = dict(plan.run.tags)
-                if parent_run_id:
-                    tags[PARENT_RUN_TAG] = parent_run_id
-                run = self._call(
-                    "create_run",
-                    self.client.create_run,
-                    experiment_id,
-                    start_time=plan.run.start_time,
-                    tags=tags,
-                    run_name=plan.run.run_name,
-                )
-                run_id = run.info.run_id
-                created = True
-                log.info("run_created", run_id=run_id, record_id=plan.run.record_id)
-            else:
-                run_id = existing.info.run_id
-                self._ensure_active(existing)
-                log.info("run_adopted", run_id=run_id, record_id=plan.run.record_id)
-        assert run_id is not None and experiment_id is not None
-        result = ApplyResult(run_id=run_id, experiment_id=experiment_id, created=created)
+        """The record's run: known from the ledger, adopted by its tag, or created."""
+        if run_id is not None and experiment_id is not None:
+            return ApplyResult(run_id=run_id, experiment_id=experiment_id, created=False)
+        if plan.run is None:
+            raise PermanentSinkError("the record has no run yet (its run_started is missing)")
+        experiment_id = self.experiment_id(plan.run.experiment)
+        existing = self.find_run(experiment_id, plan.run.record_id)
+        if existing is not None:
+            self._ensure_active(existing)
+            log.info("run_adopted", run_id=existing.info.run_id, record_id=plan.run.record_id)
+            return ApplyResult(
+                run_id=existing.info.run_id, experiment_id=experiment_id, created=False
+            )
+        tags = dict(plan.run.tags)
+        if parent_run_id:
+            tags[PARENT_RUN_TAG] = parent_run_id
+        run = self._call(
+            "create_run",
+            self.client.create_run,
+            experiment_id,
+            start_time=plan.run.start_time,
+            tags=tags,
+            run_name=plan.run.run_name,
+        )
+        log.info("run_created", run_id=run.info.run_id, record_id=plan.run.record_id)
+        return ApplyResult(run_id=run.info.run_id, experiment_id=experiment_id, created=True)
 
+    def _write(
+        self,
+        plan: WritePlan,
+        result: ApplyResult,
+        parent_run_id: str | None,
+        uploads: list[ResolvedArtifact],
+    ) -> None:
+        run_id = result.run_id
         batches = list(plan.batches)
-        if plan.run is not None and not created:
-            # Adopted or known run replayed from the start: its run tags again (idempotent).
-            run_tags = [Entry(k, v) for k, v in plan.run.tags.items()]
+        if not result.created:
+            # A known or adopted run: the run's tags again when replayed from the start
+            # (idempotent), and the parent link whenever the engine asks for it.
+            run_tags = [Entry(k, v) for k, v in plan.run.tags.items()] if plan.run else []
             if parent_run_id:
                 run_tags.append(Entry(PARENT_RUN_TAG, parent_run_id))
             batches[:0] = [
@@ -343,7 +351,6 @@ class MlflowSink:
                     status=plan.status.status,
                     end_time=plan.status.end_time,
                 )
-        return result
 
     def link_parent(self, run_id: str, parent_run_id: str) -> None:
         with self._serialised():

@@ -341,3 +341,29 @@ def test_dry_run_writes_nothing(examples: Path, tracking_uri: str, client, workd
     assert summary.clean and summary.events > 0 and summary.metric_points > 0
     assert runs_by_record(client) == {}
     assert not (workdir / ".syncd" / "ledger.db").exists()
+
+
+def test_parent_link_missed_once_is_made_on_the_childs_next_sync(
+    workdir: Path, tracking_uri: str, client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from syncd.errors import TransientSinkError
+    from syncd.sink import MlflowSink
+
+    root = workdir / "runs"
+    child = write_record(root / "a_child", [started("child2", parent_record_id="parent2")])
+    run_backfill(root, tracking_uri)
+
+    def unavailable(*_a: object) -> None:
+        raise TransientSinkError("MLflow unavailable")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MlflowSink, "link_parent", unavailable)
+        write_record(root / "b_parent", [started("parent2")])
+        run_backfill(root, tracking_uri)
+    assert "mlflow.parentRunId" not in runs_by_record(client)["child2"].data.tags
+
+    write_record(root / "a_child", [line(1, "metrics", metrics={"m": 1.0})], mode="a")
+    assert child.exists()
+    run_backfill(root, tracking_uri)
+    runs = runs_by_record(client)
+    assert runs["child2"].data.tags["mlflow.parentRunId"] == runs["parent2"].info.run_id

@@ -216,7 +216,8 @@ def _print_summary(summary: Any, dry_run: bool) -> None:
     verb = "would sync" if dry_run else "synced"
     lines = [
         f"{summary.records} records: {summary.synced} clean, {summary.unchanged} unchanged,"
-        f" {summary.with_errors} with errors, {summary.failed} failed, {summary.blocked} blocked,"
+        f" {summary.with_errors} with errors, {summary.failed} failed,"
+        f" {summary.waiting} waiting for MLflow, {summary.blocked} blocked,"
         f" {summary.pending} pending",
         f"{verb} {summary.events} events, {summary.metric_points} metric points,"
         f" {summary.artifacts} artifacts in {summary.duration_s:.1f}s -> {summary.tracking_uri}",
@@ -239,7 +240,7 @@ def status(
     log_level: LogLevelOpt = None,
 ) -> None:
     """Records per state, the last sync, and every record with errors."""
-    from syncd.backfill import open_ledger
+    from syncd.backfill import open_ledger, sink_key
 
     with _user_errors():
         settings = _settings(
@@ -251,37 +252,54 @@ def status(
                 log_level=log_level,
             ),
         )
+        named = "tracking_uri" in settings.model_fields_set
+        own_sink = sink_key(settings.tracking_uri)
         ledger = open_ledger(settings, read_only=True)
-        if ledger is None:
-            report: dict[str, Any] = {
-                "sink": redact_text(settings.tracking_uri),
-                "records": {},
-                "last_sync_at": None,
-                "records_with_errors": [],
-                "recent": [],
-            }
-        else:
+        reports: list[dict[str, Any]] = []
+        if ledger is not None:
             try:
-                report = ledger.summary()
-                report["recent"] = ledger.recent_events(10)
+                sinks = [own_sink] if named else (ledger.sinks() or [own_sink])
+                for sink in sinks:
+                    view = ledger.view(sink)
+                    one = view.summary()
+                    one["recent"] = view.recent_events(10)
+                    reports.append(one)
             finally:
                 ledger.close()
-        report["ledger"] = redact_text(settings.ledger_url_resolved)
+        if not reports:
+            reports.append(
+                {
+                    "sink": own_sink,
+                    "records": {},
+                    "last_sync_at": None,
+                    "records_with_errors": [],
+                    "recent": [],
+                }
+            )
+        ledger_url = redact_text(settings.ledger_url_resolved)
+        for one in reports:
+            one["ledger"] = ledger_url
+        # The first sink's fields at the top level (the shape of one sink), every sink
+        # in "sinks".
+        report: dict[str, Any] = {**reports[0], "sinks": reports}
         if json_out:
             typer.echo(json.dumps(report, indent=2, default=str))
         else:
-            _print_status(report)
-        if report["records_with_errors"]:
+            typer.echo("\n\n".join(_status_text(one) for one in reports))
+        if any(one["records_with_errors"] for one in reports):
             raise typer.Exit(EXIT_RECORD_ERRORS)
 
 
-def _print_status(report: dict[str, Any]) -> None:
+def _when(epoch: float | None) -> str:
     import datetime as dt
 
-    last = report["last_sync_at"]
-    when = (
-        dt.datetime.fromtimestamp(last, dt.UTC).isoformat(timespec="seconds") if last else "never"
-    )
+    if not epoch:
+        return "never"
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).isoformat(timespec="seconds")
+
+
+def _status_text(report: dict[str, Any]) -> str:
+    when = _when(report["last_sync_at"])
     counts = ", ".join(f"{n} {state}" for state, n in report["records"].items() if n) or "none"
     lines = [
         f"sink:      {report['sink']}",
@@ -291,9 +309,59 @@ def _print_status(report: dict[str, Any]) -> None:
     ]
     for rec in report["records_with_errors"]:
         lines.append(f"{rec['state']}: {rec['source']}")
+        if rec.get("reason"):
+            retry = rec.get("next_attempt_at")
+            lines.append(
+                f"  {rec['reason']} (attempt {rec.get('attempts', 0)},"
+                f" next try {_when(retry) if retry else 'on the next pass'})"
+            )
         for err in rec["errors"]:
             lines.append(f"  line {err['line']}: {err['reason']}")
-    typer.echo("\n".join(lines))
+    return "\n".join(lines)
+
+
+@app.command()
+def resync(
+    records: Annotated[
+        list[str],
+        typer.Argument(
+            help="Record files or folders of records to project again from the start.",
+            show_default=False,
+        ),
+    ],
+    config: ConfigOpt = None,
+    tracking_uri: TrackingOpt = None,
+    state_dir: StateOpt = None,
+    json_out: JsonOpt = False,
+    log_format: LogFormatOpt = None,
+    log_level: LogLevelOpt = None,
+) -> None:
+    """Forget what the ledger knows of RECORD... for this sink and sync them again.
+
+    For after an MLflow restore from a backup, or a mapping change: the same runs
+    are kept (found by their syncd.record_id tag), lost points and artifacts come
+    back, nothing is duplicated.
+    """
+    from syncd.backfill import backfill as run_backfill
+
+    with _user_errors():
+        settings = _settings(
+            config,
+            _overrides(
+                roots=records,
+                tracking_uri=tracking_uri,
+                state_dir=state_dir,
+                log_format=log_format,
+                log_level=log_level,
+            ),
+        )
+        summary = run_backfill(settings, resync=True)
+        if json_out:
+            typer.echo(json.dumps(summary.as_dict(), indent=2))
+        else:
+            _print_summary(summary, False)
+        if not summary.clean:
+            raise typer.Exit(EXIT_RECORD_ERRORS)
 
 
 @app.command()

@@ -52,6 +52,12 @@ class Metrics:
             "syncd_sink_errors", "MLflow writes that failed", ["kind"], registry=r
         )
         self.sink_retries = Counter("syncd_sink_retries", "MLflow calls retried", registry=r)
+        self.record_failures = Counter(
+            "syncd_record_failures",
+            "Syncs of one record that failed and were contained (retried with backoff)",
+            ["state"],
+            registry=r,
+        )
         self.backlog_records = Gauge(
             "syncd_backlog_records", "Records with changes not yet applied", registry=r
         )

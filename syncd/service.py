@@ -31,7 +31,7 @@ from syncd.config import Settings, load_config
 from syncd.engine import Engine, Outcome
 from syncd.errors import ConfigError, SyncdError
 from syncd.health import HealthServer, HealthState, Metrics
-from syncd.ledger import Ledger
+from syncd.ledger import FAILED, RETRY_STATES, WAITING, Ledger
 from syncd.logging import configure, redact_text
 from syncd.notify import Notifier, watchdog_interval
 from syncd.sink import MlflowSink, RetryPolicy
@@ -110,6 +110,7 @@ class Daemon:
         self.engine: Engine | None = None
         self.watcher: Watcher | None = None
         self.offsets: dict[Path, int] = {}
+        self.retry_due: dict[Path, float] = {}  # waiting/failed records: next try (epoch s)
         self.bytes_per_event = 100.0
         self.retry_at = 0.0
         self.backoff = 0.0
@@ -188,7 +189,9 @@ class Daemon:
         assert ledger is not None
         self.ledger = ledger
         self.sink = MlflowSink(
-            self.settings.tracking_uri, retry=RetryPolicy(attempts=2, max_delay=0.5)
+            self.settings.tracking_uri,
+            retry=RetryPolicy(attempts=2, max_delay=0.5),
+            artifact_root=self.settings.artifact_root,
         )
         self.engine = Engine(
             ledger,
@@ -240,11 +243,22 @@ class Daemon:
             now = time.monotonic()
             if now >= self.next_rescan:
                 self._rescan()
+            self._queue_due_retries()
             if self._due():
                 self._sync_round(deadline=None)
                 continue
             self.backlog.wake.clear()
             self.backlog.wake.wait(self._sleep_for())
+
+    def _queue_due_retries(self) -> None:
+        """Waiting and failed records whose backoff has passed go back to the backlog."""
+        if not self.retry_due:
+            return
+        now = time.time()
+        for path, due in list(self.retry_due.items()):
+            if due <= now:
+                del self.retry_due[path]
+                self.backlog.add(path)
 
     def _due(self) -> bool:
         """True when records wait, the sink is not backing off and the linger has passed."""
@@ -256,6 +270,8 @@ class Daemon:
     def _sleep_for(self) -> float:
         now = time.monotonic()
         wait = min(LOOP_TICK, max(0.0, self.next_rescan - now))
+        if self.retry_due:
+            wait = min(wait, max(0.0, min(self.retry_due.values()) - time.time()))
         oldest = self.backlog.oldest()
         if oldest is not None:
             if now < self.retry_at:
@@ -276,7 +292,7 @@ class Daemon:
             try:
                 outcome = self.engine.sync(record, self._row_for(path))
             except SyncdError as exc:  # the ledger failed: keep the notice, try again later
-                log.error("sync_failed", file=str(path), error=str(exc))
+                log.error("ledger_failed", file=str(path), error=redact_text(str(exc))[:500])
                 self.backlog.add(path, since)
                 self._back_off(str(exc))
                 return
@@ -287,9 +303,16 @@ class Daemon:
                 self.backlog.add(path, since)
                 self._back_off(outcome.message or "MLflow unavailable")
                 return
+            if outcome.state == FAILED:
+                self._schedule_retry(path)
             self._beat()
             if self.reload_requested or (self.stopping and deadline is None):
                 return
+
+    def _schedule_retry(self, path: Path) -> None:
+        row = self._row_for(path)
+        if row is not None and row.state in RETRY_STATES:
+            self.retry_due[path] = row.next_attempt_at or time.time()
 
     def _row_for(self, path: Path) -> Any:
         assert self.ledger is not None
@@ -316,10 +339,13 @@ class Daemon:
             m.sink_retries.inc(self.sink.take_retries())
         if outcome.retry_later:
             m.sink_errors.labels(kind="transient").inc()
+            m.record_failures.labels(state=WAITING).inc()
             return
-        if outcome.state == "failed":
-            m.sink_errors.labels(kind="permanent").inc()
-        if outcome.events or outcome.state != "failed":
+        if outcome.state == FAILED:
+            m.record_failures.labels(state=FAILED).inc()
+            if (outcome.message or "").startswith("MLflow refused"):
+                m.sink_errors.labels(kind="permanent").inc()
+        if outcome.run_id is not None:  # MLflow acknowledged writes just now
             self._sink_ok()
         if outcome.events:
             self.synced_records += 1
@@ -368,6 +394,14 @@ class Daemon:
             for _root, path in iter_record_files(self.settings.roots):
                 row = known.get(path.as_uri())
                 self.offsets.setdefault(path, row.offset if row else 0)
+                if row is not None and row.state in RETRY_STATES:
+                    due = row.next_attempt_at or 0.0
+                    if due > time.time():
+                        self.retry_due.setdefault(path, due)
+                        continue
+                    self.backlog.add(path)
+                    queued += 1
+                    continue
                 try:
                     st = path.stat()
                 except FileNotFoundError:

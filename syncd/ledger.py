@@ -231,12 +231,20 @@ class Ledger:
         self.engine.dispose()
 
     @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        try:
+            with self.engine.connect() as conn:
+                yield conn
+        except sa.exc.SQLAlchemyError as exc:
+            raise LedgerError(f"ledger read failed: {_short_error(exc)}") from exc
+
+    @contextmanager
     def _tx(self) -> Iterator[Connection]:
         try:
             with self.engine.begin() as conn:
                 yield conn
         except sa.exc.SQLAlchemyError as exc:
-            raise LedgerError(f"ledger write failed: {exc}") from exc
+            raise LedgerError(f"ledger write failed: {_short_error(exc)}") from exc
 
     def _upgrade_columns(self) -> None:
         """Add the columns of newer schema versions to a ledger made by an older syncd."""
@@ -273,26 +281,26 @@ class Ledger:
 
     def all_records(self) -> dict[str, RecordRow]:
         """Every record of this sink by source: one query, for a fast unchanged-tree pass."""
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             rows = conn.execute(sa.select(records).where(records.c.sink == self.sink))
             return {row.source: _record_row(row) for row in rows}
 
     def get_record(self, source: str) -> RecordRow | None:
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             row = conn.execute(
                 sa.select(records).where(records.c.sink == self.sink, records.c.source == source)
             ).first()
         return _record_row(row) if row else None
 
     def get_run(self, record_id: str) -> RunRow | None:
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             row = conn.execute(
                 sa.select(runs).where(runs.c.sink == self.sink, runs.c.record_id == record_id)
             ).first()
         return _run_row(row) if row else None
 
     def unlinked_children(self, parent_record_id: str) -> list[RunRow]:
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             rows = conn.execute(
                 sa.select(runs).where(
                     runs.c.sink == self.sink,
@@ -303,7 +311,7 @@ class Ledger:
             return [_run_row(row) for row in rows]
 
     def artifact_digests(self, record_id: str) -> dict[str, str]:
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             rows = conn.execute(
                 sa.select(artifacts.c.key, artifacts.c.digest).where(
                     artifacts.c.sink == self.sink, artifacts.c.record_id == record_id
@@ -312,7 +320,7 @@ class Ledger:
             return {row.key: row.digest for row in rows}
 
     def errors_of(self, source: str) -> list[tuple[int, int | None, str]]:
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             rows = conn.execute(
                 sa.select(record_errors.c.line, record_errors.c.seq, record_errors.c.reason)
                 .where(record_errors.c.sink == self.sink, record_errors.c.source == source)
@@ -321,7 +329,7 @@ class Ledger:
             return [(row.line, row.seq, row.reason) for row in rows]
 
     def recent_events(self, limit: int = 20) -> list[dict[str, Any]]:
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             rows = conn.execute(
                 sa.select(sync_events)
                 .where(sync_events.c.sink == self.sink)
@@ -508,7 +516,7 @@ class Ledger:
 
     def sources_under(self, prefix: str) -> list[str]:
         """Sources of this sink whose URI starts with ``prefix`` (a folder's file:// URI)."""
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             rows = conn.execute(
                 sa.select(records.c.source).where(
                     records.c.sink == self.sink, records.c.source.startswith(prefix)
@@ -518,7 +526,7 @@ class Ledger:
 
     def sinks(self) -> list[str]:
         """Every sink this ledger holds records or runs for."""
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             found = {row[0] for row in conn.execute(sa.select(records.c.sink).distinct())}
             found |= {row[0] for row in conn.execute(sa.select(runs.c.sink).distinct())}
         return sorted(found)
@@ -531,7 +539,7 @@ class Ledger:
 
     def due_retries(self, now: float) -> list[RecordRow]:
         """Records waiting or failed whose next try is due."""
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             rows = conn.execute(
                 sa.select(records).where(
                     records.c.sink == self.sink,
@@ -575,7 +583,7 @@ class Ledger:
     # -- status --------------------------------------------------------------------
 
     def state_counts(self) -> dict[str, int]:
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             counts: dict[str, int] = dict(
                 conn.execute(
                     sa.select(records.c.state, sa.func.count())
@@ -588,7 +596,7 @@ class Ledger:
     def summary(self) -> dict[str, Any]:
         """Counts per state, the last sync, and every record with errors."""
         counts = self.state_counts()
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             last_sync = conn.execute(
                 sa.select(sa.func.max(records.c.last_sync_at)).where(records.c.sink == self.sink)
             ).scalar()
@@ -636,6 +644,12 @@ def _create_engine(url: str) -> Engine:
         sa_event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     return sa.create_engine(url, pool_pre_ping=True)
+
+
+def _short_error(exc: BaseException) -> str:
+    """The database's own message, without SQLAlchemy's statement dump."""
+    orig = getattr(exc, "orig", None)
+    return f"{type(orig or exc).__name__}: {orig or exc}"
 
 
 def _safe_url(url: str) -> str:

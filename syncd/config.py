@@ -195,6 +195,7 @@ class Settings(_Section):
     artifact_root: str | None = None
     health_addr: str = DEFAULT_HEALTH_ADDR  # "HOST:PORT"; "" or "off" disables
     roots: list[Root] = Field(default_factory=list)
+    create_roots: bool = False  # `syncd run`: create missing local roots instead of failing
     watch: WatchConfig = Field(default_factory=WatchConfig)
     writer: WriterConfig = Field(default_factory=WriterConfig)
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)

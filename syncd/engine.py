@@ -51,10 +51,12 @@ from syncd.record.reader import (
     read_complete_lines,
     replaced_reason,
 )
-from syncd.sink import ApplyResult
+from syncd.sink import ApplyResult, Bounded, unbounded
 from syncd.sources import RecordFile
 
 log = structlog.get_logger("syncd.engine")
+
+ARTIFACT_READ_DEADLINE = 600.0  # seconds to find and digest one artifact (a big file)
 
 
 class Sink(Protocol):
@@ -99,6 +101,7 @@ class Outcome:
     message: str | None = None
     run_id: str | None = None
     offset: int = 0  # bytes of the record consumed after this sync
+    stopped: bool = False  # stopped between chunks (shutdown); the rest comes next time
 
 
 class _Unset:
@@ -120,6 +123,8 @@ class Engine:
         dry_run: bool = False,
         on_step: Callable[[], None] | None = None,
         backoff: RetryBackoff | None = None,
+        bounded: Bounded | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> None:
         self.ledger = ledger
         self.sink = sink
@@ -127,6 +132,10 @@ class Engine:
         self.dry_run = dry_run
         self.on_step = on_step or (lambda: None)
         self.backoff = backoff or RetryBackoff()
+        self.bounded: Bounded = bounded or unbounded
+        # Asked between chunks: True stops a long record there (what was acknowledged
+        # is kept; the rest is read on the next sync).
+        self.should_stop = should_stop or (lambda: False)
 
     def sync(self, record: RecordFile, row: RecordRow | _Unset | None = _UNSET) -> Outcome:
         """Bring MLflow up to date with the complete lines of ``record``.
@@ -174,6 +183,9 @@ class Engine:
 
         outcome = Outcome(source=record.display, state=row.state)
         while True:
+            if self.should_stop():
+                outcome.stopped = True
+                break
             lines = read_complete_lines(record.read_at, size, row.offset)
             if not lines.lines:
                 break
@@ -191,7 +203,9 @@ class Engine:
             self.on_step()
             if parsed.held_back is not None or parsed.lines_consumed == 0:
                 break
-        if row.state in (PENDING, BOUND, WAITING, FAILED) and row.offset == 0:
+        if outcome.stopped:
+            pass  # not settled: the rest of the file is read on the next sync
+        elif row.state in (PENDING, BOUND, WAITING, FAILED) and row.offset == 0:
             # No complete line yet: nothing to write until the file changes.
             if not self.dry_run and (row.size, row.mtime_ns, row.state) != (
                 size,
@@ -384,7 +398,8 @@ class Engine:
         uploads: dict[str, ResolvedArtifact] = {}
         for item in plan.artifacts:
             try:
-                resolved = record.resolve_artifact(item.path, item.artifact_path)
+                with self.bounded(f"reading artifact {item.path}", ARTIFACT_READ_DEADLINE):
+                    resolved = record.resolve_artifact(item.path, item.artifact_path)
             except (ArtifactRefused, OSError) as exc:
                 errors.append(
                     RecordError(str(exc), path=record.display, line=item.line, seq=item.seq)

@@ -18,11 +18,11 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import structlog
 
@@ -145,31 +145,94 @@ def _folder_name(experiment: str) -> str:
     return f"{slug}-{hashlib.sha256(experiment.encode()).hexdigest()[:8]}"
 
 
-class _FileLock:
-    """An interprocess lock (flock) beside a SQLite store; re-entrant within a thread."""
+MIN_UPLOAD_BYTES_PER_S = 1024 * 1024
 
-    def __init__(self, path: Path) -> None:
+
+def _size_of(path: Path) -> int:
+    try:
+        if path.is_dir():
+            return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+class Bounded(Protocol):
+    def __call__(self, what: str, seconds: float) -> AbstractContextManager[None]: ...
+
+
+@contextmanager
+def unbounded(what: str, seconds: float) -> Iterator[None]:
+    """No supervisor: calls are bounded by their own timeouts only."""
+    yield
+
+
+class _FileLock:
+    """An interprocess lock (flock) beside a SQLite store; re-entrant within a thread.
+
+    Waiting for it is bounded: past ``timeout`` the write is a transient failure
+    (the record waits and is retried) instead of a daemon that hangs.
+    """
+
+    def __init__(self, path: Path, timeout: float = 300.0) -> None:
         self.path = path
+        self.timeout = timeout
         self._local = threading.RLock()
         self._fd: int | None = None
         self._depth = 0
+        self._owner: int | None = None
+
+    @property
+    def owned(self) -> bool:
+        return self._owner == threading.get_ident() and self._depth > 0
+
+    def acquire_within(self) -> None:
+        """Take the lock (one level), polling up to ``timeout``; TransientSinkError after."""
+        self._local.acquire()
+        try:
+            if self._depth == 0:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                deadline = time.monotonic() + self.timeout
+                delay = 0.005
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() >= deadline:
+                            os.close(fd)
+                            raise TransientSinkError(
+                                f"the store lock {self.path} was held by another process"
+                                f" for over {self.timeout:.0f}s"
+                            ) from None
+                        time.sleep(delay)
+                        delay = min(delay * 2, 0.25)
+                self._fd = fd
+                self._owner = threading.get_ident()
+            self._depth += 1
+        except BaseException:
+            self._local.release()
+            raise
+
+    def release_once(self) -> None:
+        try:
+            self._depth -= 1
+            if self._depth == 0 and self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                os.close(self._fd)
+                self._fd = None
+                self._owner = None
+        finally:
+            self._local.release()
 
     @contextmanager
     def held(self) -> Iterator[None]:
-        with self._local:
-            if self._depth == 0:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-                fcntl.flock(self._fd, fcntl.LOCK_EX)
-            self._depth += 1
-            try:
-                yield
-            finally:
-                self._depth -= 1
-                if self._depth == 0 and self._fd is not None:
-                    fcntl.flock(self._fd, fcntl.LOCK_UN)
-                    os.close(self._fd)
-                    self._fd = None
+        self.acquire_within()
+        try:
+            yield
+        finally:
+            self.release_once()
 
 
 class MlflowSink:
@@ -181,9 +244,16 @@ class MlflowSink:
         *,
         retry: RetryPolicy | None = None,
         artifact_root: str | None = None,
+        call_deadline: float = 35.0,
+        lock_timeout: float = 300.0,
+        bounded: Bounded | None = None,
     ) -> None:
         self.tracking_uri = tracking_uri
         self.retry = retry or RetryPolicy()
+        # Every MLflow call runs under ``bounded(what, seconds)``: the daemon's
+        # supervisor keeps the watchdog fed while a call is within its deadline.
+        self.bounded: Bounded = bounded or unbounded
+        self.call_deadline = call_deadline
         self._client: MlflowClient | None = None
         self._experiments: dict[str, str] = {}
         # Experiments this sink created: they hold no runs but the ones it made itself,
@@ -192,7 +262,9 @@ class MlflowSink:
         self._created_experiments: set[str] = set()
         self._uncertain: set[str] = set()
         db = sqlite_path(tracking_uri)
-        self._lock = _FileLock(db.with_name(db.name + ".syncd-lock")) if db else None
+        self._lock = (
+            _FileLock(db.with_name(db.name + ".syncd-lock"), timeout=lock_timeout) if db else None
+        )
         self.artifact_root = artifact_root or default_artifact_root(tracking_uri)
         self._retries = 0
         self._heap_frozen = False
@@ -223,16 +295,24 @@ class MlflowSink:
     def _serialised(self) -> Iterator[None]:
         if self._lock is None:
             yield
+            return
+        if self._lock.owned:  # re-entered: no wait
+            self._lock.acquire_within()
         else:
-            with self._lock.held():
-                yield
+            with self.bounded("waiting for the store lock", self._lock.timeout + 5):
+                self._lock.acquire_within()
+        try:
+            yield
+        finally:
+            self._lock.release_once()
 
     def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Call MLflow, retrying transient failures with backoff; raise SinkError otherwise."""
         attempt = 0
         while True:
             try:
-                return fn(*args, **kwargs)
+                with self.bounded(what, self.call_deadline):
+                    return fn(*args, **kwargs)
             except Exception as exc:
                 err = classify(exc)
                 if isinstance(err, PermanentSinkError) or attempt + 1 >= self.retry.attempts:
@@ -348,9 +428,13 @@ class MlflowSink:
                             run_id=existing.info.run_id, experiment_id=experiment_id, created=False
                         )
                 try:
-                    run = self.client.create_run(
-                        experiment_id, start_time=spec.start_time, tags=tags, run_name=spec.run_name
-                    )
+                    with self.bounded("create_run", self.call_deadline):
+                        run = self.client.create_run(
+                            experiment_id,
+                            start_time=spec.start_time,
+                            tags=tags,
+                            run_name=spec.run_name,
+                        )
                 except Exception as exc:
                     err = classify(exc)
                     self._uncertain.add(spec.record_id)
@@ -478,22 +562,30 @@ class MlflowSink:
             )
 
     def _upload(self, run_id: str, upload: ResolvedArtifact, result: ApplyResult) -> None:
-        if upload.is_dir:
-            self._call(
-                "log_artifacts",
-                self.client.log_artifacts,
-                run_id,
-                str(upload.local_path),
-                upload.artifact_path,
-            )
-        else:
-            self._call(
-                "log_artifact",
-                self.client.log_artifact,
-                run_id,
-                str(upload.local_path),
-                upload.artifact_path,
-            )
+        # An upload may take longer than one request's timeout: allow for 1 MiB/s.
+        saved, self.call_deadline = (
+            self.call_deadline,
+            self.call_deadline + _size_of(upload.local_path) / MIN_UPLOAD_BYTES_PER_S,
+        )
+        try:
+            if upload.is_dir:
+                self._call(
+                    "log_artifacts",
+                    self.client.log_artifacts,
+                    run_id,
+                    str(upload.local_path),
+                    upload.artifact_path,
+                )
+            else:
+                self._call(
+                    "log_artifact",
+                    self.client.log_artifact,
+                    run_id,
+                    str(upload.local_path),
+                    upload.artifact_path,
+                )
+        finally:
+            self.call_deadline = saved
         result.uploaded[upload.key] = upload.digest
 
     def _log_datasets(self, run_id: str, plan: WritePlan) -> None:

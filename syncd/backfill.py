@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -20,6 +20,17 @@ from syncd.sink import MlflowSink, RetryPolicy
 from syncd.sources.local import LocalRecord, find_records
 
 log = structlog.get_logger("syncd.backfill")
+
+
+class Progress(Protocol):
+    """A progress display, told after each record: its file and the events read from it."""
+
+    def advance(self, file: str, events: int) -> None: ...
+
+
+class _NoProgress:
+    def advance(self, file: str, events: int) -> None:
+        pass
 
 
 @dataclass(slots=True)
@@ -117,9 +128,12 @@ def backfill(
     settings: Settings,
     *,
     dry_run: bool = False,
-    progress: Callable[[int], AbstractContextManager[Callable[[], None]]] | None = None,
+    progress: Callable[[int], AbstractContextManager[Progress]] | None = None,
 ) -> Summary:
-    """Sync every record under ``settings.roots`` once; unchanged ones are skipped unread."""
+    """Sync every record under ``settings.roots`` once; unchanged ones are skipped unread.
+
+    ``progress(total)`` opens a display for ``total`` records, advanced after each one.
+    """
     started = time.perf_counter()
     summary = Summary(tracking_uri=sink_key(settings.tracking_uri))
     files = list(iter_record_files(settings.roots))
@@ -139,9 +153,9 @@ def backfill(
         dry_run=dry_run,
     )
     known = ledger.all_records()
-    bar = progress(len(files)) if progress else nullcontext(lambda: None)
+    bar = progress(len(files)) if progress else nullcontext(_NoProgress())
     try:
-        with bar as advance:
+        with bar as shown:
             for _root, path in files:
                 record = LocalRecord(path)
                 try:
@@ -149,7 +163,7 @@ def backfill(
                 finally:
                     record.close()
                 summary.add(outcome)
-                advance()
+                shown.advance(str(path), outcome.events)
                 if outcome.retry_later:
                     summary.aborted = f"MLflow is unavailable: {outcome.message}"
                     log.error("backfill_aborted", reason=summary.aborted)

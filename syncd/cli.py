@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -138,8 +138,15 @@ def _progress_bar(total: int) -> Any:
         TimeRemainingColumn,
     )
 
+    class Bar:
+        def __init__(self, progress: Progress, task: Any) -> None:
+            self.progress, self.task = progress, task
+
+        def advance(self, file: str, events: int) -> None:
+            self.progress.advance(self.task)
+
     @contextmanager
-    def bar() -> Iterator[Callable[[], None]]:
+    def bar() -> Iterator[Bar]:
         with Progress(
             TextColumn("[bold]backfill"),
             BarColumn(),
@@ -149,7 +156,7 @@ def _progress_bar(total: int) -> Any:
             transient=False,
         ) as progress:
             task = progress.add_task("records", total=total)
-            yield lambda: progress.advance(task)
+            yield Bar(progress, task)
 
     return bar()
 

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -31,6 +31,17 @@ from syncd.sink import MlflowSink, RetryPolicy
 from syncd.sources.local import LocalRecord, find_records
 
 log = structlog.get_logger("syncd.backfill")
+
+
+class Progress(Protocol):
+    """A progress display, told after each record: its file and the events read from it."""
+
+    def advance(self, file: str, events: int) -> None: ...
+
+
+class _NoProgress:
+    def advance(self, file: str, events: int) -> None:
+        pass
 
 
 @dataclass(slots=True)
@@ -147,11 +158,12 @@ def backfill(
     settings: Settings,
     *,
     dry_run: bool = False,
-    progress: Callable[[int], AbstractContextManager[Callable[[], None]]] | None = None,
+    progress: Callable[[int], AbstractContextManager[Progress]] | None = None,
     resync: bool = False,
 ) -> Summary:
     """Sync every record under ``settings.roots`` once; unchanged ones are skipped unread.
 
+    ``progress(total)`` opens a display for ``total`` records, advanced after each one.
     With ``resync``, the ledger first forgets what it knew of those records for
     this sink (checkpoints, artifact digests, run bindings): they are projected
     again from the start into the runs that carry their ``syncd.record_id``.
@@ -181,10 +193,10 @@ def backfill(
         dry_run=dry_run,
     )
     known = ledger.all_records()
-    bar = progress(len(files)) if progress else nullcontext(lambda: None)
+    bar = progress(len(files)) if progress else nullcontext(_NoProgress())
     sink_down: str | None = None
     try:
-        with bar as advance:
+        with bar as shown:
             for _root, path in files:
                 record = LocalRecord(path)
                 row = known.get(record.uri)
@@ -202,7 +214,7 @@ def backfill(
                 finally:
                     record.close()
                 summary.add(outcome)
-                advance()
+                shown.advance(str(path), outcome.events)
                 if outcome.retry_later and sink_down is None:
                     sink_down = f"MLflow is unavailable ({outcome.message})"
                     log.error("sink_unavailable_pass_continues", reason=sink_down[:300])

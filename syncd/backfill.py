@@ -29,6 +29,7 @@ from syncd.ledger import (
 from syncd.logging import redact_text
 from syncd.sink import MlflowSink, RetryPolicy
 from syncd.sources.local import LocalRecord, find_records
+from syncd.store_schema import StoreSchemaError
 
 log = structlog.get_logger("syncd.backfill")
 
@@ -160,6 +161,7 @@ def backfill(
     dry_run: bool = False,
     progress: Callable[[int], AbstractContextManager[Progress]] | None = None,
     resync: bool = False,
+    upgrade_store: bool = False,
 ) -> Summary:
     """Sync every record under ``settings.roots`` once; unchanged ones are skipped unread.
 
@@ -180,7 +182,15 @@ def backfill(
         settings.tracking_uri,
         retry=RetryPolicy(attempts=5, max_delay=5.0),
         artifact_root=settings.artifact_root,
+        call_deadline=settings.timeouts.http + 5,
     )
+    try:
+        if upgrade_store and not dry_run:
+            sink.upgrade_store()
+        sink.check_schema()
+    except StoreSchemaError as exc:
+        ledger.close()
+        raise ConfigError(str(exc)) from exc
     engine = Engine(
         ledger, sink, default_experiment=root_experiments(settings.roots), dry_run=dry_run
     )

@@ -249,6 +249,13 @@ def backfill(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Read and plan, write nothing (no MLflow, no ledger).")
     ] = False,
+    upgrade_store: Annotated[
+        bool,
+        typer.Option(
+            "--upgrade-store",
+            help="Migrate an older SQLite MLflow store to this MLflow's schema (backup first).",
+        ),
+    ] = False,
     json_out: JsonOpt = False,
     log_format: LogFormatOpt = None,
     log_level: LogLevelOpt = None,
@@ -279,7 +286,10 @@ def backfill(
                 Root(path=r.path, pattern=pattern, experiment=r.experiment) for r in settings.roots
             ]
         summary = run_backfill(
-            settings, dry_run=dry_run, progress=_progress_bar if sys.stderr.isatty() else None
+            settings,
+            dry_run=dry_run,
+            progress=_progress_bar if sys.stderr.isatty() else None,
+            upgrade_store=upgrade_store,
         )
         if json_out:
             typer.echo(json.dumps(summary.as_dict(), indent=2))

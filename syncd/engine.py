@@ -8,6 +8,7 @@ idempotent), it never loses them.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from collections.abc import Callable
@@ -53,6 +54,7 @@ from syncd.record.reader import (
 )
 from syncd.sink import ApplyResult, Bounded, unbounded
 from syncd.sources import RecordFile
+from syncd.sources.local import path_from_uri
 
 log = structlog.get_logger("syncd.engine")
 
@@ -152,6 +154,8 @@ class Engine:
             return self._sync(record, row)
         except LedgerError:
             raise
+        except _Claimed as exc:
+            return self._block(record, str(exc))
         except TransientSinkError as exc:
             return self._hold(record, WAITING, exc)
         except Exception as exc:  # the record boundary: contain, report, go on
@@ -225,6 +229,32 @@ class Engine:
         outcome.offset = row.offset
         return outcome
 
+    def _block(self, record: RecordFile, reason: str) -> Outcome:
+        """Hold the whole record back (``blocked``) until its file changes."""
+        log.error("record_blocked", file=record.display, reason=reason)
+        outcome = Outcome(source=record.display, state=BLOCKED, message=reason)
+        outcome.errors.append(RecordError(reason, path=record.display, line=1, seq=0))
+        if self.dry_run:
+            return outcome
+        row = self.ledger.get_record(record.uri) or RecordRow(source=record.uri)
+        with contextlib.suppress(OSError):  # settled: looked at again when the file changes
+            row.size, row.mtime_ns = record.stat()
+        row.state = BLOCKED
+        self.ledger.commit(
+            Progress(record=row, kind="held", errors=list(outcome.errors), detail=reason)
+        )
+        return outcome
+
+    def _claimed_elsewhere(self, record: RecordFile, record_id: str) -> None:
+        """Raise _Claimed when another live record file already holds ``record_id``."""
+        for other in self.ledger.claimants(record_id, besides=record.uri):
+            if other.source.startswith("file://") and not path_from_uri(other.source).exists():
+                continue  # moved or deleted: this file continues the run
+            raise _Claimed(
+                f"record_id {record_id} is already used by {_display(other.source)};"
+                f" {record.display} is held back (give one of them a new record_id)"
+            )
+
     def _hold(self, record: RecordFile, state: str, exc: BaseException) -> Outcome:
         """Leave the record at its last acknowledged offset, ``waiting`` or ``failed``."""
         message = redact_text(_describe(exc))[:2000]
@@ -267,6 +297,8 @@ class Engine:
         )
         errors = [*parsed.errors, *plan.problems]
         record_id = plan.run.record_id if plan.run else row.record_id
+        if plan.run is not None and row.record_id != plan.run.record_id:
+            self._claimed_elsewhere(record, plan.run.record_id)
         run = self.ledger.get_run(record_id) if record_id else None
         progress = Progress(
             record=row,
@@ -434,6 +466,14 @@ class Engine:
             row.state = GONE
             self.ledger.commit(Progress(record=row, kind="gone", detail="source file deleted"))
         return Outcome(source=record.display, state=GONE)
+
+
+class _Claimed(Exception):
+    """Another record file already holds this record_id."""
+
+
+def _display(source: str) -> str:
+    return str(path_from_uri(source)) if source.startswith("file://") else source
 
 
 class _SinkRefused(Exception):

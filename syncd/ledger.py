@@ -299,6 +299,19 @@ class Ledger:
             ).first()
         return _run_row(row) if row else None
 
+    def claimants(self, record_id: str, *, besides: str) -> list[RecordRow]:
+        """Other records of this sink that hold ``record_id`` and are not gone."""
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.select(records).where(
+                    records.c.sink == self.sink,
+                    records.c.record_id == record_id,
+                    records.c.source != besides,
+                    records.c.state != GONE,
+                )
+            )
+            return [_record_row(row) for row in rows]
+
     def unlinked_children(self, parent_record_id: str) -> list[RunRow]:
         with self._read() as conn:
             rows = conn.execute(

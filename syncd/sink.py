@@ -282,6 +282,7 @@ class MlflowSink:
             from mlflow.tracking import MlflowClient
 
             def build() -> MlflowClient:
+                self.check_schema()
                 with _anchored_artifacts(self.artifact_root):
                     return MlflowClient(tracking_uri=self.tracking_uri)
 
@@ -332,6 +333,27 @@ class MlflowSink:
         )
         self._retries += 1
         time.sleep(delay)
+
+    def check_schema(self) -> None:
+        """StoreSchemaError unless a SQLite store is fresh or at this MLflow's schema."""
+        db = sqlite_path(self.tracking_uri)
+        if db is not None:
+            from syncd.store_schema import check_store
+
+            check_store(db)
+
+    def upgrade_store(self) -> Path | None:
+        """Back up and migrate an older SQLite store (the backup's path, or None)."""
+        db = sqlite_path(self.tracking_uri)
+        if db is None:
+            return None
+        from syncd.store_schema import upgrade_store
+
+        with self._serialised():
+            backup = upgrade_store(db)
+        if backup is not None:
+            log.warning("store_upgraded", store=str(db), backup=str(backup))
+        return backup
 
     def check(self) -> None:
         """Raise SinkError unless the tracking store answers (used for readiness)."""

@@ -390,7 +390,7 @@ def test_daemon_with_lost_replies_and_503s_mixed(
     for rec in recorders[1:]:
         rec.finish()
     expected = expected_from_records([record_path(r) for r in recorders])
-    wait_mirrored(direct, experiment, expected, 45)
+    wait_mirrored(direct, experiment, expected, 30)
     assert fault_proxy.fault_count(Fault.LOSE_REPLY) and fault_proxy.fault_count(Fault.ERROR_503)
     assert syncd.stop() == 0
 

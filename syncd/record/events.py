@@ -202,9 +202,17 @@ def _type_name(value: object) -> str:
         return repr(value)
     if isinstance(value, bool):
         return "bool"
-    return {dict: "object", list: "array", str: "string", int: "integer", float: "number"}.get(
-        type(value), type(value).__name__
-    )
+    return _TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+_TYPE_NAMES: dict[type, str] = {
+    dict: "object",
+    list: "array",
+    str: "string",
+    int: "integer",
+    float: "number",
+    type(None): "null",
+}
 
 
 def _show(value: object) -> str:

@@ -15,27 +15,15 @@ from typing import Any, TextIO
 
 import structlog
 
+from syncd.redact import redact_text
+
+__all__ = ["REDACTED", "configure", "redact", "redact_text"]
+
 _SECRET_KEYS = re.compile(
     r"pass(word)?|secret|token|authorization|credential|api[_-]?key|session[_-]?key|signature",
     re.IGNORECASE,
 )
-# The password runs to the last '@' (passwords may hold '/'): redacting too much is safe.
-_URI_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*):(?P<pw>[^@\s]+)@")
-_AWS_KEY = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b")
-_BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=\-]+")
-_QUERY_SECRET = re.compile(
-    r"(?i)([?&](?:[\w.\-]*token|password|secret|signature|x-amz-signature|x-amz-credential"
-    r"|x-amz-security-token)=)[^&\s]+"
-)
 REDACTED = "***"
-
-
-def redact_text(text: str) -> str:
-    """Remove passwords in URIs, AWS access keys, bearer tokens and signed-URL secrets."""
-    text = _URI_PASSWORD.sub(r"\g<head>:***@", text)
-    text = _AWS_KEY.sub(r"\1****************", text)
-    text = _BEARER.sub(r"\1 ***", text)
-    return _QUERY_SECRET.sub(r"\1***", text)
 
 
 def _redact_value(key: str, value: Any) -> Any:

@@ -7,19 +7,42 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
 from syncd.config import Root, Settings
 from syncd.engine import Engine, Outcome
 from syncd.errors import ConfigError
-from syncd.ledger import BLOCKED, ERROR, FAILED, GONE, PENDING, SYNCED, Ledger
+from syncd.ledger import (
+    BLOCKED,
+    ERROR,
+    FAILED,
+    GONE,
+    PENDING,
+    SETTLED_STATES,
+    SYNCED,
+    WAITING,
+    Ledger,
+    RecordRow,
+)
 from syncd.logging import redact_text
 from syncd.sink import MlflowSink, RetryPolicy
 from syncd.sources.local import LocalRecord, find_records
+from syncd.store_schema import StoreSchemaError
 
 log = structlog.get_logger("syncd.backfill")
+
+
+class Progress(Protocol):
+    """A progress display, told after each record: its file and the events read from it."""
+
+    def advance(self, file: str, events: int) -> None: ...
+
+
+class _NoProgress:
+    def advance(self, file: str, events: int) -> None:
+        pass
 
 
 @dataclass(slots=True)
@@ -32,6 +55,7 @@ class Summary:
     unchanged: int = 0
     with_errors: int = 0
     failed: int = 0
+    waiting: int = 0
     blocked: int = 0
     pending: int = 0
     gone: int = 0
@@ -50,12 +74,11 @@ class Summary:
             SYNCED: "synced",
             ERROR: "with_errors",
             FAILED: "failed",
+            WAITING: "waiting",
             BLOCKED: "blocked",
             PENDING: "pending",
             GONE: "gone",
         }.get(outcome.state)
-        if outcome.retry_later:
-            counter = "failed"
         if counter:
             setattr(self, counter, getattr(self, counter) + 1)
         self.events += outcome.events
@@ -70,14 +93,14 @@ class Summary:
                     "reason": err.reason,
                 }
             )
-        if outcome.message and (outcome.retry_later or outcome.state == FAILED):
+        if outcome.message and outcome.state in (FAILED, WAITING):
             self.errors.append(
                 {"file": outcome.source, "line": None, "seq": None, "reason": outcome.message}
             )
 
     @property
     def clean(self) -> bool:
-        return not (self.with_errors or self.failed or self.blocked or self.aborted)
+        return not (self.with_errors or self.failed or self.waiting or self.blocked or self.aborted)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,6 +125,25 @@ def open_ledger(settings: Settings, *, read_only: bool = False) -> Ledger | None
     return Ledger(url, sink_key(settings.tracking_uri))
 
 
+def forget_records(settings: Settings, paths: list[Path]) -> int:
+    """Make the ledger forget ``paths`` and every record it knew under them."""
+    ledger = open_ledger(settings)
+    assert ledger is not None
+    try:
+        sources = {path.absolute().as_uri() for path in paths}
+        for root in settings.roots:
+            folder = Path(root.path).absolute()
+            if folder.is_dir():
+                sources.update(ledger.sources_under(folder.as_uri().rstrip("/") + "/"))
+            else:
+                sources.add(folder.as_uri())
+        forgotten = ledger.forget(sorted(sources))
+    finally:
+        ledger.close()
+    log.info("resync_forgot", records=len(forgotten))
+    return len(forgotten)
+
+
 def iter_record_files(roots: Iterable[Root]) -> Iterator[tuple[Root, Path]]:
     for root in roots:
         if root.is_s3:
@@ -117,16 +159,38 @@ def backfill(
     settings: Settings,
     *,
     dry_run: bool = False,
-    progress: Callable[[int], AbstractContextManager[Callable[[], None]]] | None = None,
+    progress: Callable[[int], AbstractContextManager[Progress]] | None = None,
+    resync: bool = False,
+    upgrade_store: bool = False,
 ) -> Summary:
-    """Sync every record under ``settings.roots`` once; unchanged ones are skipped unread."""
+    """Sync every record under ``settings.roots`` once; unchanged ones are skipped unread.
+
+    ``progress(total)`` opens a display for ``total`` records, advanced after each one.
+    With ``resync``, the ledger first forgets what it knew of those records for
+    this sink (checkpoints, artifact digests, run bindings): they are projected
+    again from the start into the runs that carry their ``syncd.record_id``.
+    """
     started = time.perf_counter()
     summary = Summary(tracking_uri=sink_key(settings.tracking_uri))
     files = list(iter_record_files(settings.roots))
+    if resync and not dry_run:
+        forget_records(settings, [path for _root, path in files])
     ledger = open_ledger(settings, read_only=dry_run)
     if ledger is None:  # a dry run before any sync: an in-memory ledger
         ledger = Ledger("sqlite://", sink_key(settings.tracking_uri))
-    sink = MlflowSink(settings.tracking_uri, retry=RetryPolicy(attempts=5, max_delay=5.0))
+    sink = MlflowSink(
+        settings.tracking_uri,
+        retry=RetryPolicy(attempts=5, max_delay=5.0),
+        artifact_root=settings.artifact_root,
+        call_deadline=settings.timeouts.http + 5,
+    )
+    try:
+        if upgrade_store and not dry_run:
+            sink.upgrade_store()
+        sink.check_schema()
+    except StoreSchemaError as exc:
+        ledger.close()
+        raise ConfigError(str(exc)) from exc
     engine = Engine(
         ledger, sink, default_experiment=root_experiments(settings.roots), dry_run=dry_run
     )
@@ -139,26 +203,49 @@ def backfill(
         dry_run=dry_run,
     )
     known = ledger.all_records()
-    bar = progress(len(files)) if progress else nullcontext(lambda: None)
+    bar = progress(len(files)) if progress else nullcontext(_NoProgress())
+    sink_down: str | None = None
     try:
-        with bar as advance:
+        with bar as shown:
             for _root, path in files:
                 record = LocalRecord(path)
+                row = known.get(record.uri)
                 try:
-                    outcome = engine.sync(record, known.get(record.uri))
+                    if sink_down is not None and _needs_writes(record, row):
+                        # MLflow is down: name the record instead of waiting on each one.
+                        outcome = Outcome(
+                            source=record.display,
+                            state=WAITING,
+                            retry_later=True,
+                            message=f"not attempted: {sink_down}",
+                        )
+                    else:
+                        outcome = engine.sync(record, row)
                 finally:
                     record.close()
                 summary.add(outcome)
-                advance()
-                if outcome.retry_later:
-                    summary.aborted = f"MLflow is unavailable: {outcome.message}"
-                    log.error("backfill_aborted", reason=summary.aborted)
-                    break
+                shown.advance(str(path), outcome.events)
+                if outcome.retry_later and sink_down is None:
+                    sink_down = f"MLflow is unavailable ({outcome.message})"
+                    log.error("sink_unavailable_pass_continues", reason=sink_down[:300])
     finally:
         ledger.close()
     summary.duration_s = round(time.perf_counter() - started, 3)
     log.info("backfill_done", **{k: v for k, v in summary.as_dict().items() if k != "errors"})
     return summary
+
+
+def _needs_writes(record: LocalRecord, row: RecordRow | None) -> bool:
+    """False when the engine would skip the record unread (unchanged and settled)."""
+    try:
+        size, mtime_ns = record.stat()
+    except OSError:
+        return False
+    return not (
+        row is not None
+        and (row.size, row.mtime_ns) == (size, mtime_ns)
+        and row.state in SETTLED_STATES
+    )
 
 
 def root_experiments(roots: Iterable[Root]) -> Callable[[Any], str | None]:

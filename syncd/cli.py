@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,7 +20,7 @@ import typer
 from syncd import __version__
 from syncd.config import Root, Settings, load_config
 from syncd.errors import ConfigError, SyncdError
-from syncd.logging import configure, redact_text
+from syncd.logging import configure, effective_level, logs_above, redact_text
 
 EXIT_OK, EXIT_RECORD_ERRORS, EXIT_USAGE = 0, 1, 2
 
@@ -57,8 +57,22 @@ LogFormatOpt = Annotated[
 ]
 LogLevelOpt = Annotated[
     str | None,
-    typer.Option("--log-level", help="debug, info, warning or error.", show_default=False),
+    typer.Option(
+        "--log-level", help="debug, info, warning or error (wins over -v/-q).", show_default=False
+    ),
 ]
+VerboseOpt = Annotated[
+    int,
+    typer.Option("--verbose", "-v", count=True, help="More log output; repeatable (-v: debug)."),
+]
+QuietOpt = Annotated[
+    int,
+    typer.Option(
+        "--quiet", "-q", count=True, help="Less log output; repeatable (-q: warning, -qq: error)."
+    ),
+]
+# Per-run lines: one per record in a backfill of thousands; shown with -v.
+BACKFILL_DEBUG_EVENTS = ("run_created", "run_adopted")
 
 
 def _version(value: bool) -> None:
@@ -96,9 +110,26 @@ def _overrides(
     }
 
 
-def _settings(config: Path | None, overrides: dict[str, Any]) -> Settings:
+def _verbosity(
+    config: Path | None, overrides: dict[str, Any], verbose: int, quiet: int
+) -> dict[str, Any]:
+    """``overrides`` with ``log.level`` moved by -v/-q from the configured level.
+
+    An explicit ``--log-level`` (already in ``overrides``) wins.
+    """
+    explicit = overrides.get("log.level")
+    if explicit is not None or verbose == quiet:
+        return overrides
+    configured = load_config(config, overrides=overrides).log.level
+    level = effective_level(configured, verbose=verbose, quiet=quiet, explicit=explicit)
+    return {**overrides, "log.level": level}
+
+
+def _settings(
+    config: Path | None, overrides: dict[str, Any], debug_events: tuple[str, ...] = ()
+) -> Settings:
     settings = load_config(config, overrides=overrides)
-    configure(settings.log.format, settings.log.level)
+    configure(settings.log.format, settings.log.level, debug_events=debug_events)
     return settings
 
 
@@ -128,28 +159,73 @@ def _user_errors() -> Iterator[None]:
         raise typer.Exit(EXIT_RECORD_ERRORS) from None
 
 
+def _short_path(path: str, width: int) -> str:
+    """``path`` relative to the working directory when under it, its leading folders
+    replaced by ``…/`` until it fits ``width``."""
+    with suppress(ValueError):
+        path = str(Path(path).relative_to(Path.cwd()))
+    parts = Path(path).parts
+    for start in range(1, len(parts)):
+        if len(path) <= width:
+            break
+        path = str(Path("…", *parts[start:]))
+    return path if len(path) <= width else "…" + path[-(width - 1) :]
+
+
 def _progress_bar(total: int) -> Any:
+    """One bar on stderr: records done/total, events/s, ETA, the file last synced.
+
+    Log lines are printed above it; so is anything a library writes to stdout or stderr
+    while it is live (rich's redirection), so nothing lands inside the bar.
+    """
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
         Progress,
+        ProgressColumn,
+        Task,
         TextColumn,
-        TimeElapsedColumn,
         TimeRemainingColumn,
     )
+    from rich.text import Text
+
+    class EventRate(ProgressColumn):
+        def render(self, task: Task) -> Text:
+            elapsed = task.elapsed or 0.0
+            rate = task.fields.get("events", 0) / elapsed if elapsed > 0 else 0.0
+            return Text(f"{rate:,.0f} events/s", style="progress.data.speed")
+
+    class Bar:
+        def __init__(self, progress: Progress, task: Any) -> None:
+            self.progress, self.task, self.events = progress, task, 0
+            self.width = max(24, progress.console.width - 80)
+
+        def advance(self, file: str, events: int) -> None:
+            self.events += events
+            self.progress.update(
+                self.task, advance=1, events=self.events, file=_short_path(file, self.width)
+            )
 
     @contextmanager
-    def bar() -> Iterator[Callable[[], None]]:
-        with Progress(
-            TextColumn("[bold]backfill"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            transient=False,
-        ) as progress:
-            task = progress.add_task("records", total=total)
-            yield lambda: progress.advance(task)
+    def bar() -> Iterator[Bar]:
+        console = Console(stderr=True)
+        with (
+            Progress(
+                TextColumn("[bold]backfill"),
+                BarColumn(bar_width=20),
+                MofNCompleteColumn(),
+                TextColumn("records"),
+                EventRate(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[file]}", style="dim"),
+                console=console,
+                transient=False,
+            ) as progress,
+            logs_above(progress.console),
+        ):
+            task = progress.add_task("records", total=total, events=0, file="")
+            yield Bar(progress, task)
 
     return bar()
 
@@ -173,9 +249,18 @@ def backfill(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Read and plan, write nothing (no MLflow, no ledger).")
     ] = False,
+    upgrade_store: Annotated[
+        bool,
+        typer.Option(
+            "--upgrade-store",
+            help="Migrate an older SQLite MLflow store to this MLflow's schema (backup first).",
+        ),
+    ] = False,
     json_out: JsonOpt = False,
     log_format: LogFormatOpt = None,
     log_level: LogLevelOpt = None,
+    verbose: VerboseOpt = 0,
+    quiet: QuietOpt = 0,
 ) -> None:
     """Sync every record under ROOT... once, then exit.
 
@@ -184,15 +269,15 @@ def backfill(
     from syncd.backfill import backfill as run_backfill
 
     with _user_errors():
+        overrides = _overrides(
+            roots=roots,
+            tracking_uri=tracking_uri,
+            state_dir=state_dir,
+            log_format=log_format,
+            log_level=log_level,
+        )
         settings = _settings(
-            config,
-            _overrides(
-                roots=roots,
-                tracking_uri=tracking_uri,
-                state_dir=state_dir,
-                log_format=log_format,
-                log_level=log_level,
-            ),
+            config, _verbosity(config, overrides, verbose, quiet), BACKFILL_DEBUG_EVENTS
         )
         if not settings.roots:
             raise ConfigError("no roots: give ROOT arguments or 'roots' in the config file")
@@ -200,33 +285,68 @@ def backfill(
             settings.roots = [
                 Root(path=r.path, pattern=pattern, experiment=r.experiment) for r in settings.roots
             ]
-        show_bar = not json_out and sys.stderr.isatty()
         summary = run_backfill(
-            settings, dry_run=dry_run, progress=_progress_bar if show_bar else None
+            settings,
+            dry_run=dry_run,
+            progress=_progress_bar if sys.stderr.isatty() else None,
+            upgrade_store=upgrade_store,
         )
         if json_out:
             typer.echo(json.dumps(summary.as_dict(), indent=2))
         else:
-            _print_summary(summary, dry_run)
+            _print_summary(summary.as_dict(), dry_run)
         if not summary.clean:
             raise typer.Exit(EXIT_RECORD_ERRORS)
 
 
-def _print_summary(summary: Any, dry_run: bool) -> None:
-    verb = "would sync" if dry_run else "synced"
-    lines = [
-        f"{summary.records} records: {summary.synced} clean, {summary.unchanged} unchanged,"
-        f" {summary.with_errors} with errors, {summary.failed} failed, {summary.blocked} blocked,"
-        f" {summary.pending} pending",
-        f"{verb} {summary.events} events, {summary.metric_points} metric points,"
-        f" {summary.artifacts} artifacts in {summary.duration_s:.1f}s -> {summary.tracking_uri}",
+def _print_summary(summary: dict[str, Any], dry_run: bool) -> None:
+    """The summary table on stdout, then the errors grouped by file (``line N: reason``)."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console(highlight=False)
+    table = Table(
+        title="backfill (dry run: nothing written)" if dry_run else "backfill",
+        title_justify="left",
+        show_header=False,
+        box=box.SIMPLE,
+    )
+    table.add_column("what")
+    table.add_column("count", justify="right", overflow="fold")
+    rows = [
+        ("records", "records"),
+        ("clean", "synced"),
+        ("unchanged", "unchanged"),
+        ("with errors", "with_errors"),
+        ("failed", "failed"),
+        ("waiting", "waiting"),
+        ("blocked", "blocked"),
+        ("pending", "pending"),
+        ("gone", "gone"),
+        ("events", "events"),
+        ("metric points", "metric_points"),
+        ("artifacts", "artifacts"),
     ]
-    for err in summary.errors:
-        where = f"{err['file']}:{err['line']}" if err["line"] else err["file"]
-        lines.append(f"  error: {where}: {err['reason']}")
-    if summary.aborted:
-        lines.append(f"  stopped early: {summary.aborted}")
-    typer.echo("\n".join(lines))
+    for label, key in rows:  # .get: counters another version of Summary may not have
+        table.add_row(label, f"{summary.get(key, 0):,}")
+    table.add_row("duration", f"{summary.get('duration_s', 0.0):.1f}s")
+    table.add_row("sink", str(summary.get("tracking_uri", "")))
+    console.print(table)
+
+    by_file: dict[str, list[dict[str, Any]]] = {}
+    for err in summary.get("errors", []):
+        by_file.setdefault(str(err.get("file", "")), []).append(err)
+    if by_file:
+        console.print("errors:", style="bold red")
+    for file, errors in by_file.items():
+        console.print(Text(file), soft_wrap=True)
+        for err in errors:
+            where = f"line {err['line']}: " if err.get("line") else ""
+            console.print(Text(f"  {where}{err.get('reason', '')}"), soft_wrap=True)
+    if summary.get("aborted"):
+        console.print(Text(f"stopped early: {summary['aborted']}"), soft_wrap=True, style="red")
 
 
 @app.command()
@@ -237,51 +357,68 @@ def status(
     json_out: JsonOpt = False,
     log_format: LogFormatOpt = None,
     log_level: LogLevelOpt = None,
+    verbose: VerboseOpt = 0,
+    quiet: QuietOpt = 0,
 ) -> None:
     """Records per state, the last sync, and every record with errors."""
-    from syncd.backfill import open_ledger
+    from syncd.backfill import open_ledger, sink_key
 
     with _user_errors():
-        settings = _settings(
-            config,
-            _overrides(
-                tracking_uri=tracking_uri,
-                state_dir=state_dir,
-                log_format=log_format,
-                log_level=log_level,
-            ),
+        overrides = _overrides(
+            tracking_uri=tracking_uri,
+            state_dir=state_dir,
+            log_format=log_format,
+            log_level=log_level,
         )
+        settings = _settings(config, _verbosity(config, overrides, verbose, quiet))
+        named = "tracking_uri" in settings.model_fields_set
+        own_sink = sink_key(settings.tracking_uri)
         ledger = open_ledger(settings, read_only=True)
-        if ledger is None:
-            report: dict[str, Any] = {
-                "sink": redact_text(settings.tracking_uri),
-                "records": {},
-                "last_sync_at": None,
-                "records_with_errors": [],
-                "recent": [],
-            }
-        else:
+        reports: list[dict[str, Any]] = []
+        if ledger is not None:
             try:
-                report = ledger.summary()
-                report["recent"] = ledger.recent_events(10)
+                sinks = [own_sink] if named else (ledger.sinks() or [own_sink])
+                for sink in sinks:
+                    view = ledger.view(sink)
+                    one = view.summary()
+                    one["recent"] = view.recent_events(10)
+                    reports.append(one)
             finally:
                 ledger.close()
-        report["ledger"] = redact_text(settings.ledger_url_resolved)
+        if not reports:
+            reports.append(
+                {
+                    "sink": own_sink,
+                    "records": {},
+                    "last_sync_at": None,
+                    "records_with_errors": [],
+                    "recent": [],
+                }
+            )
+        ledger_url = redact_text(settings.ledger_url_resolved)
+        for one in reports:
+            one["ledger"] = ledger_url
+        # The first sink's fields at the top level (the shape of one sink), every sink
+        # in "sinks".
+        report: dict[str, Any] = {**reports[0], "sinks": reports}
         if json_out:
             typer.echo(json.dumps(report, indent=2, default=str))
         else:
-            _print_status(report)
-        if report["records_with_errors"]:
+            typer.echo("\n\n".join(_status_text(one) for one in reports))
+        if any(one["records_with_errors"] for one in reports):
             raise typer.Exit(EXIT_RECORD_ERRORS)
 
 
-def _print_status(report: dict[str, Any]) -> None:
+def _when(epoch: float | None) -> str:
     import datetime as dt
 
-    last = report["last_sync_at"]
-    when = (
-        dt.datetime.fromtimestamp(last, dt.UTC).isoformat(timespec="seconds") if last else "never"
-    )
+    if not epoch:
+        return "never"
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).isoformat(timespec="seconds")
+
+
+def _status_text(report: dict[str, Any]) -> str:
+    when = _when(report["last_sync_at"])
     counts = ", ".join(f"{n} {state}" for state, n in report["records"].items() if n) or "none"
     lines = [
         f"sink:      {report['sink']}",
@@ -291,9 +428,59 @@ def _print_status(report: dict[str, Any]) -> None:
     ]
     for rec in report["records_with_errors"]:
         lines.append(f"{rec['state']}: {rec['source']}")
+        if rec.get("reason"):
+            retry = rec.get("next_attempt_at")
+            lines.append(
+                f"  {rec['reason']} (attempt {rec.get('attempts', 0)},"
+                f" next try {_when(retry) if retry else 'on the next pass'})"
+            )
         for err in rec["errors"]:
             lines.append(f"  line {err['line']}: {err['reason']}")
-    typer.echo("\n".join(lines))
+    return "\n".join(lines)
+
+
+@app.command()
+def resync(
+    records: Annotated[
+        list[str],
+        typer.Argument(
+            help="Record files or folders of records to project again from the start.",
+            show_default=False,
+        ),
+    ],
+    config: ConfigOpt = None,
+    tracking_uri: TrackingOpt = None,
+    state_dir: StateOpt = None,
+    json_out: JsonOpt = False,
+    log_format: LogFormatOpt = None,
+    log_level: LogLevelOpt = None,
+    verbose: VerboseOpt = 0,
+    quiet: QuietOpt = 0,
+) -> None:
+    """Forget what the ledger knows of RECORD... for this sink and sync them again.
+
+    For after an MLflow restore from a backup, or a mapping change: the same runs
+    are kept (found by their syncd.record_id tag), lost points and artifacts come
+    back, nothing is duplicated.
+    """
+    from syncd.backfill import backfill as run_backfill
+
+    with _user_errors():
+        overrides = _overrides(
+            roots=records,
+            tracking_uri=tracking_uri,
+            state_dir=state_dir,
+            log_format=log_format,
+            log_level=log_level,
+        )
+        settings = _settings(config, _verbosity(config, overrides, verbose, quiet))
+        summary = run_backfill(settings, resync=True)
+        if json_out:
+            typer.echo(json.dumps(summary.as_dict(), indent=2))
+        else:
+            _print_summary(summary.as_dict(), False)
+        if not summary.clean:
+            raise typer.Exit(EXIT_RECORD_ERRORS)
 
 
 @app.command()
@@ -319,6 +506,8 @@ def run(
     ] = False,
     log_format: LogFormatOpt = None,
     log_level: LogLevelOpt = None,
+    verbose: VerboseOpt = 0,
+    quiet: QuietOpt = 0,
 ) -> None:
     """Follow the roots and keep MLflow within a second of the records (the service).
 
@@ -336,7 +525,7 @@ def run(
             health_addr=health_addr,
             **{"watch.mode": "polling" if polling else None},
         )
-        code = run_service(config, overrides)
+        code = run_service(config, _verbosity(config, overrides, verbose, quiet))
     raise typer.Exit(code)
 
 

@@ -164,6 +164,11 @@ class WriterConfig(_Section):
     drain_timeout: float = Field(default=10.0, gt=0)  # seconds to flush on shutdown
 
 
+class LedgerConfig(_Section):
+    # days of per-step sync events kept for `syncd status` and audits; 0 keeps them forever
+    events_retention_days: float = Field(default=30.0, ge=0)
+
+
 class TimeoutsConfig(_Section):
     http: float = Field(default=30.0, gt=0)  # seconds
 
@@ -185,11 +190,16 @@ class Settings(_Section):
     tracking_uri: str = DEFAULT_TRACKING_URI
     state_dir: Path = Path(".syncd")
     ledger_url: str | None = None  # SQLAlchemy URL; None: <state_dir>/ledger.db
+    # where experiments syncd creates keep their artifacts; None: beside a SQLite store
+    # (<db folder>/mlartifacts), the server's default for other tracking URIs
+    artifact_root: str | None = None
     health_addr: str = DEFAULT_HEALTH_ADDR  # "HOST:PORT"; "" or "off" disables
     roots: list[Root] = Field(default_factory=list)
+    create_roots: bool = False  # `syncd run`: create missing local roots instead of failing
     watch: WatchConfig = Field(default_factory=WatchConfig)
     writer: WriterConfig = Field(default_factory=WriterConfig)
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
+    ledger: LedgerConfig = Field(default_factory=LedgerConfig)
     log: LogConfig = Field(default_factory=LogConfig)
 
     @field_validator("tracking_uri")
@@ -216,6 +226,16 @@ class Settings(_Section):
     def _check_ledger_url(cls, value: str | None) -> str | None:
         value = (value or "").strip()
         return resolve_sqlite_uri(value, Path.cwd()) if value else None
+
+    @field_validator("artifact_root")
+    @classmethod
+    def _check_artifact_root(cls, value: str | None) -> str | None:
+        value = (value or "").strip()
+        if not value:
+            return None
+        if "://" in value:
+            return value
+        return _anchor(value, Path.cwd())
 
     @field_validator("health_addr")
     @classmethod
@@ -373,8 +393,9 @@ def _read_env(environ: Mapping[str, str]) -> dict[str, Any]:
 def _anchor_file_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     """Resolve the file's relative paths against its folder (``base``)."""
     data = dict(data)
-    if _is_local_path(data.get("state_dir")):
-        data["state_dir"] = _anchor(data["state_dir"], base)
+    for key in ("state_dir", "artifact_root"):
+        if _is_local_path(data.get(key)):
+            data[key] = _anchor(data[key], base)
     for key in ("tracking_uri", "ledger_url"):
         if isinstance(data.get(key), str):
             data[key] = resolve_sqlite_uri(data[key].strip(), base)

@@ -8,6 +8,9 @@ idempotent), it never loses them.
 
 from __future__ import annotations
 
+import contextlib
+import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -15,22 +18,32 @@ from typing import Protocol
 import structlog
 
 from syncd.artifacts import ArtifactRefused, ResolvedArtifact
-from syncd.errors import PermanentSinkError, RecordError, TransientSinkError
+from syncd.errors import (
+    LedgerError,
+    PermanentSinkError,
+    RecordError,
+    SinkError,
+    TransientSinkError,
+)
 from syncd.ledger import (
     BLOCKED,
+    BOUND,
     ERROR,
     FAILED,
     GONE,
     PENDING,
+    RETRY_STATES,
     SETTLED_STATES,
     SYNCED,
+    WAITING,
     Ledger,
     Progress,
     RecordRow,
     RunRow,
     extension_body,
 )
-from syncd.projection import WritePlan, plan_writes
+from syncd.logging import redact_text
+from syncd.projection import RunSpec, WritePlan, plan_writes
 from syncd.record.reader import (
     Checkpoint,
     ParsedLines,
@@ -39,24 +52,40 @@ from syncd.record.reader import (
     read_complete_lines,
     replaced_reason,
 )
-from syncd.sink import ApplyResult
+from syncd.sink import ApplyResult, Bounded, unbounded
 from syncd.sources import RecordFile
+from syncd.sources.local import path_from_uri
 
 log = structlog.get_logger("syncd.engine")
 
+ARTIFACT_READ_DEADLINE = 600.0  # seconds to find and digest one artifact (a big file)
+
 
 class Sink(Protocol):
+    def resolve_run(self, spec: RunSpec, parent_run_id: str | None) -> ApplyResult: ...
+
     def apply(
         self,
         plan: WritePlan,
         *,
-        run_id: str | None,
-        experiment_id: str | None,
+        run: ApplyResult,
         parent_run_id: str | None,
         uploads: list[ResolvedArtifact],
     ) -> ApplyResult: ...
 
     def link_parent(self, run_id: str, parent_run_id: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RetryBackoff:
+    """When a waiting or failed record is tried again: exponential, capped, jittered."""
+
+    base: float = 5.0
+    cap: float = 300.0
+
+    def delay(self, attempts: int) -> float:
+        ceiling = min(self.cap, self.base * 2 ** max(0, attempts - 1))
+        return random.uniform(ceiling / 2, ceiling)
 
 
 @dataclass(slots=True)
@@ -74,6 +103,7 @@ class Outcome:
     message: str | None = None
     run_id: str | None = None
     offset: int = 0  # bytes of the record consumed after this sync
+    stopped: bool = False  # stopped between chunks (shutdown); the rest comes next time
 
 
 class _Unset:
@@ -84,6 +114,8 @@ _UNSET = _Unset()
 
 
 class Engine:
+    """Syncs one record at a time; whatever fails stays with that record."""
+
     def __init__(
         self,
         ledger: Ledger,
@@ -92,19 +124,44 @@ class Engine:
         default_experiment: Callable[[RecordFile], str | None] | None = None,
         dry_run: bool = False,
         on_step: Callable[[], None] | None = None,
+        backoff: RetryBackoff | None = None,
+        bounded: Bounded | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> None:
         self.ledger = ledger
         self.sink = sink
         self.default_experiment = default_experiment or (lambda _record: None)
         self.dry_run = dry_run
         self.on_step = on_step or (lambda: None)
+        self.backoff = backoff or RetryBackoff()
+        self.bounded: Bounded = bounded or unbounded
+        # Asked between chunks: True stops a long record there (what was acknowledged
+        # is kept; the rest is read on the next sync).
+        self.should_stop = should_stop or (lambda: False)
 
     def sync(self, record: RecordFile, row: RecordRow | _Unset | None = _UNSET) -> Outcome:
         """Bring MLflow up to date with the complete lines of ``record``.
 
         ``row`` is the record's ledger row when the caller already holds it (one
         query for a whole tree); unchanged records are skipped without a read.
+
+        This is the record boundary: no exception from one record escapes it but
+        a ledger failure (the ledger is shared by every record) and signals. MLflow
+        being unavailable leaves the record ``waiting``; anything else leaves it
+        ``failed`` with the reason. Both are retried with backoff.
         """
+        try:
+            return self._sync(record, row)
+        except LedgerError:
+            raise
+        except _Claimed as exc:
+            return self._block(record, str(exc))
+        except TransientSinkError as exc:
+            return self._hold(record, WAITING, exc)
+        except Exception as exc:  # the record boundary: contain, report, go on
+            return self._hold(record, FAILED, exc)
+
+    def _sync(self, record: RecordFile, row: RecordRow | _Unset | None) -> Outcome:
         if isinstance(row, _Unset):
             row = self.ledger.get_record(record.uri)
         try:
@@ -130,6 +187,9 @@ class Engine:
 
         outcome = Outcome(source=record.display, state=row.state)
         while True:
+            if self.should_stop():
+                outcome.stopped = True
+                break
             lines = read_complete_lines(record.read_at, size, row.offset)
             if not lines.lines:
                 break
@@ -143,17 +203,78 @@ class Engine:
                 skipped=row.skipped,
             )
             settled = lines.reached_end or parsed.held_back is not None
-            if not self._step(record, row, parsed, (size, mtime_ns) if settled else None, outcome):
-                break
+            self._step(record, row, parsed, (size, mtime_ns) if settled else None, outcome)
             self.on_step()
             if parsed.held_back is not None or parsed.lines_consumed == 0:
                 break
-        if row.offset == 0 and row.state == PENDING and not self.dry_run:
-            row.size, row.mtime_ns = size, mtime_ns
-            self.ledger.commit(Progress(record=row, kind="pending"))
-        elif not outcome.retry_later and row.state != FAILED:
-            self._settle(row, size, mtime_ns)
+        if outcome.stopped:
+            pass  # not settled: the rest of the file is read on the next sync
+        elif row.state in (PENDING, BOUND, WAITING, FAILED) and row.offset == 0:
+            # No complete line yet: nothing to write until the file changes.
+            if not self.dry_run and (row.size, row.mtime_ns, row.state) != (
+                size,
+                mtime_ns,
+                PENDING,
+            ):
+                row.size, row.mtime_ns, row.state = size, mtime_ns, PENDING
+                row.attempts, row.next_attempt_at = 0, None
+                self.ledger.commit(Progress(record=row, kind="pending"))
+        else:
+            recovered = row.state in RETRY_STATES or row.state == BOUND
+            if recovered:  # every line is acknowledged now: the retry is over
+                row.state = ERROR if row.error_count else SYNCED
+                row.attempts, row.next_attempt_at, row.last_error = 0, None, None
+            self._settle(row, size, mtime_ns, force=recovered)
         outcome.state = row.state
+        outcome.offset = row.offset
+        return outcome
+
+    def _block(self, record: RecordFile, reason: str) -> Outcome:
+        """Hold the whole record back (``blocked``) until its file changes."""
+        log.error("record_blocked", file=record.display, reason=reason)
+        outcome = Outcome(source=record.display, state=BLOCKED, message=reason)
+        outcome.errors.append(RecordError(reason, path=record.display, line=1, seq=0))
+        if self.dry_run:
+            return outcome
+        row = self.ledger.get_record(record.uri) or RecordRow(source=record.uri)
+        with contextlib.suppress(OSError):  # settled: looked at again when the file changes
+            row.size, row.mtime_ns = record.stat()
+        row.state = BLOCKED
+        self.ledger.commit(
+            Progress(record=row, kind="held", errors=list(outcome.errors), detail=reason)
+        )
+        return outcome
+
+    def _claimed_elsewhere(self, record: RecordFile, record_id: str) -> None:
+        """Raise _Claimed when another live record file already holds ``record_id``."""
+        for other in self.ledger.claimants(record_id, besides=record.uri):
+            if other.source.startswith("file://") and not path_from_uri(other.source).exists():
+                continue  # moved or deleted: this file continues the run
+            raise _Claimed(
+                f"record_id {record_id} is already used by {_display(other.source)};"
+                f" {record.display} is held back (give one of them a new record_id)"
+            )
+
+    def _hold(self, record: RecordFile, state: str, exc: BaseException) -> Outcome:
+        """Leave the record at its last acknowledged offset, ``waiting`` or ``failed``."""
+        message = redact_text(_describe(exc))[:2000]
+        outcome = Outcome(source=record.display, state=state, message=message)
+        outcome.retry_later = state == WAITING
+        if state == FAILED:
+            log.error("record_failed", file=record.display, error=message[:500])
+            log.debug("record_failed_detail", file=record.display, exc_info=exc)
+        else:
+            log.warning("sink_unavailable", file=record.display, error=message[:300])
+        if self.dry_run:
+            return outcome
+        row = self.ledger.get_record(record.uri) or RecordRow(source=record.uri)
+        row.attempts += 1
+        row.state = state
+        row.last_error = message
+        row.next_attempt_at = time.time() + self.backoff.delay(row.attempts)
+        self.ledger.commit(
+            Progress(record=row, kind=state, detail=f"attempt {row.attempts}: {message}")
+        )
         outcome.offset = row.offset
         return outcome
 
@@ -166,8 +287,8 @@ class Engine:
         parsed: ParsedLines,
         settled_stat: tuple[int, int] | None,
         outcome: Outcome,
-    ) -> bool:
-        """Apply one run of parsed lines and commit; False when the record must wait."""
+    ) -> None:
+        """Apply one run of parsed lines and commit; raises when the sink did not ack."""
         plan = plan_writes(
             parsed.events,
             path=record.display,
@@ -176,6 +297,8 @@ class Engine:
         )
         errors = [*parsed.errors, *plan.problems]
         record_id = plan.run.record_id if plan.run else row.record_id
+        if plan.run is not None and row.record_id != plan.run.record_id:
+            self._claimed_elsewhere(record, plan.run.record_id)
         run = self.ledger.get_run(record_id) if record_id else None
         progress = Progress(
             record=row,
@@ -201,7 +324,6 @@ class Engine:
                     )
                 )
         elif not plan.is_empty and not self.dry_run:
-            uploads = self._resolve_uploads(record, plan, record_id, errors)
             parent_record_id = (
                 plan.run.parent_record_id if plan.run else (run.parent_record_id if run else None)
             )
@@ -209,26 +331,24 @@ class Engine:
             if parent_record_id and not (run and run.parent_linked):
                 parent = self.ledger.get_run(parent_record_id)
                 parent_run_id = parent.run_id if parent else None
+            if run is None:
+                assert plan.run is not None
+                run = self._bind(row, plan.run, parent_record_id, parent_run_id)
+                fresh = True
+            else:
+                fresh = False
+            uploads = self._resolve_uploads(record, plan, record_id, errors)
             try:
                 result = self.sink.apply(
                     plan,
-                    run_id=run.run_id if run else None,
-                    experiment_id=run.experiment_id if run else None,
+                    run=ApplyResult(
+                        run_id=run.run_id, experiment_id=run.experiment_id, created=fresh
+                    ),
                     parent_run_id=parent_run_id,
                     uploads=uploads,
                 )
-            except TransientSinkError as exc:
-                outcome.retry_later = True
-                outcome.message = str(exc)
-                log.warning("sink_unavailable", file=record.display, error=str(exc)[:300])
-                return False
             except PermanentSinkError as exc:
-                row.state = FAILED
-                row.last_error = str(exc)
-                outcome.message = str(exc)
-                log.error("sink_refused", file=record.display, error=str(exc)[:500])
-                self.ledger.commit(Progress(record=row, kind="failed", detail=str(exc)[:2000]))
-                return False
+                raise _SinkRefused(str(exc)) from exc
             for problem in result.problems:
                 problem.path = record.display
             errors.extend(result.problems)
@@ -237,7 +357,7 @@ class Engine:
                 run_id=result.run_id,
                 experiment_id=result.experiment_id,
                 parent_record_id=parent_record_id,
-                parent_linked=bool(parent_run_id) or bool(run and run.parent_linked),
+                parent_linked=bool(parent_run_id) or run.parent_linked,
             )
             progress.artifacts = result.uploaded
             outcome.run_id = result.run_id
@@ -247,6 +367,9 @@ class Engine:
         row.line += parsed.lines_consumed
         row.seq = parsed.last_seq
         row.skipped = parsed.skipped
+        if row.state in RETRY_STATES:  # acknowledged: the failure no longer applies
+            row.last_error = None
+        row.attempts, row.next_attempt_at = 0, None
         if parsed.held_back is not None:
             if row.state != BLOCKED:
                 errors.append(parsed.held_back)
@@ -268,13 +391,35 @@ class Engine:
         outcome.errors.extend(errors)
         if self.dry_run:
             row.error_count += len(errors)
-            return True
+            return
         if settled_stat is not None:  # only once every complete line is in: else re-read
             row.size, row.mtime_ns = settled_stat
         self.ledger.commit(progress)
         if plan.run is not None and progress.run is not None:
             self._link_children(progress.run)
-        return True
+
+    def _bind(
+        self,
+        row: RecordRow,
+        spec: RunSpec,
+        parent_record_id: str | None,
+        parent_run_id: str | None,
+    ) -> RunRow:
+        """Create or adopt the record's run and commit the binding before any other write."""
+        resolved = self.sink.resolve_run(spec, parent_run_id)
+        run = RunRow(
+            record_id=spec.record_id,
+            run_id=resolved.run_id,
+            experiment_id=resolved.experiment_id,
+            parent_record_id=parent_record_id,
+            parent_linked=bool(parent_run_id),
+        )
+        if row.state == PENDING:
+            row.state = BOUND
+        self.ledger.commit(
+            Progress(record=row, kind="bound", run=run, detail=f"run {resolved.run_id}")
+        )
+        return run
 
     def _resolve_uploads(
         self, record: RecordFile, plan: WritePlan, record_id: str | None, errors: list[RecordError]
@@ -285,7 +430,8 @@ class Engine:
         uploads: dict[str, ResolvedArtifact] = {}
         for item in plan.artifacts:
             try:
-                resolved = record.resolve_artifact(item.path, item.artifact_path)
+                with self.bounded(f"reading artifact {item.path}", ARTIFACT_READ_DEADLINE):
+                    resolved = record.resolve_artifact(item.path, item.artifact_path)
             except (ArtifactRefused, OSError) as exc:
                 errors.append(
                     RecordError(str(exc), path=record.display, line=item.line, seq=item.seq)
@@ -300,14 +446,14 @@ class Engine:
         for child in self.ledger.unlinked_children(parent.record_id):
             try:
                 self.sink.link_parent(child.run_id, parent.run_id)
-            except (TransientSinkError, PermanentSinkError) as exc:
+            except SinkError as exc:
                 log.warning("parent_link_failed", child_run_id=child.run_id, error=str(exc))
                 continue
             self.ledger.mark_linked(child.record_id)
 
-    def _settle(self, row: RecordRow, size: int, mtime_ns: int) -> None:
+    def _settle(self, row: RecordRow, size: int, mtime_ns: int, *, force: bool = False) -> None:
         """Remember the file's size and mtime so an unchanged file is skipped unread."""
-        if self.dry_run or (row.size == size and row.mtime_ns == mtime_ns):
+        if self.dry_run or (row.size == size and row.mtime_ns == mtime_ns and not force):
             return
         row.size, row.mtime_ns = size, mtime_ns
         self.ledger.commit(Progress(record=row, kind="settled"))
@@ -320,6 +466,25 @@ class Engine:
             row.state = GONE
             self.ledger.commit(Progress(record=row, kind="gone", detail="source file deleted"))
         return Outcome(source=record.display, state=GONE)
+
+
+class _Claimed(Exception):
+    """Another record file already holds this record_id."""
+
+
+def _display(source: str) -> str:
+    return str(path_from_uri(source)) if source.startswith("file://") else source
+
+
+class _SinkRefused(Exception):
+    """MLflow refused a write for good: the record fails (retried later with backoff)."""
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, _SinkRefused | SinkError):
+        return f"MLflow refused: {exc}" if isinstance(exc, _SinkRefused) else str(exc)
+    text = str(exc) or repr(exc)
+    return f"{type(exc).__name__}: {text}"
 
 
 def _checkpoint(row: RecordRow) -> Checkpoint:

@@ -8,6 +8,7 @@ loop keeps current, so a stuck main loop shows up as a stale heartbeat
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -52,6 +53,12 @@ class Metrics:
             "syncd_sink_errors", "MLflow writes that failed", ["kind"], registry=r
         )
         self.sink_retries = Counter("syncd_sink_retries", "MLflow calls retried", registry=r)
+        self.record_failures = Counter(
+            "syncd_record_failures",
+            "Syncs of one record that failed and were contained (retried with backoff)",
+            ["state"],
+            registry=r,
+        )
         self.backlog_records = Gauge(
             "syncd_backlog_records", "Records with changes not yet applied", registry=r
         )
@@ -132,7 +139,18 @@ class HealthServer:
         self.max_backlog = max_backlog
         self.lock = lock
         handler = _handler_for(self)
-        self.httpd = ThreadingHTTPServer((host, port), handler)
+        self.httpd = _BoundedServer((host, port), handler, bind_and_activate=False)
+        self.httpd.address_family = _family_of(host)
+        self.httpd.socket = socket.socket(self.httpd.address_family, socket.SOCK_STREAM)
+        if self.httpd.address_family == socket.AF_INET6:
+            # "[::]" serves IPv6 and, as usual on Linux, IPv4-mapped clients too
+            self.httpd.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        try:
+            self.httpd.server_bind()
+            self.httpd.server_activate()
+        except OSError:
+            self.httpd.server_close()
+            raise
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="health", daemon=True)
 
@@ -177,6 +195,43 @@ class HealthServer:
         return not reasons, reasons
 
 
+MAX_CONNECTIONS = 16  # concurrent health requests; more are closed at once
+REQUEST_TIMEOUT = 5.0  # seconds a client may take to send its request
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """A threading server with a cap on concurrent connections (a slow scraper or a
+    port scan cannot pile up threads)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+def _family_of(host: str) -> socket.AddressFamily:
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return socket.AF_INET
+    return infos[0][0] if infos else socket.AF_INET
+
+
 def _handler_for(server: HealthServer) -> type[BaseHTTPRequestHandler]:
     checks: dict[str, Callable[[dict[str, Any]], tuple[bool, list[str]]]] = {
         "/healthz": server.live,
@@ -185,6 +240,7 @@ def _handler_for(server: HealthServer) -> type[BaseHTTPRequestHandler]:
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "syncd"
+        timeout = REQUEST_TIMEOUT
 
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]

@@ -12,6 +12,7 @@ a crash in between replays the writes (idempotent), it never skips them.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Iterator, Sequence
@@ -25,17 +26,28 @@ from sqlalchemy.engine import Connection, Engine
 
 from syncd.errors import LedgerError, RecordError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-# Record states
+# Record states: the ledger is a state machine per record and sink.
+#
+#   pending --bind--> bound --write+ack--> synced | error | blocked
+#      |                |                        |
+#      +----------------+--- sink transient ---> waiting  (retried with backoff)
+#      +----------------+--- anything else ----> failed   (retried with backoff)
+#
+# A refused or unanswered write never moves a record forward: ``waiting`` and
+# ``failed`` keep the last acknowledged offset and are never "settled".
+PENDING = "pending"  # new: no complete first line yet, or nothing written yet
+BOUND = "bound"  # the run exists in MLflow and is bound to the record; writes follow
 SYNCED = "synced"  # every complete line applied, no errors
 ERROR = "error"  # applied, but some lines or entries were reported
-FAILED = "failed"  # MLflow refused the writes; retried on the next pass
+WAITING = "waiting"  # MLflow was unavailable or did not answer; retried with backoff
+FAILED = "failed"  # syncing this record raised an error; retried with backoff
 BLOCKED = "blocked"  # a newer format version holds the rest back
-PENDING = "pending"  # no complete first line yet
 GONE = "gone"  # the file disappeared; MLflow untouched
-STATES = (SYNCED, ERROR, FAILED, BLOCKED, PENDING, GONE)
+STATES = (SYNCED, ERROR, PENDING, BOUND, WAITING, FAILED, BLOCKED, GONE)
 SETTLED_STATES = frozenset({SYNCED, ERROR, BLOCKED, PENDING})  # nothing to do until it changes
+RETRY_STATES = frozenset({WAITING, FAILED})  # retried on every backfill, by the daemon on time
 
 metadata = sa.MetaData()
 
@@ -57,6 +69,10 @@ records = sa.Table(
     sa.Column("last_error", sa.Text),
     sa.Column("last_sync_at", sa.Float),
     sa.Column("updated_at", sa.Float, nullable=False),
+    # schema 2: retries and compare-and-set
+    sa.Column("attempts", sa.Integer, nullable=False, default=0, server_default="0"),
+    sa.Column("next_attempt_at", sa.Float),
+    sa.Column("version", sa.Integer, nullable=False, default=0, server_default="0"),
 )
 
 runs = sa.Table(
@@ -142,6 +158,9 @@ class RecordRow:
     error_count: int = 0
     last_error: str | None = None
     last_sync_at: float | None = None
+    attempts: int = 0  # failed tries since the last acknowledged step
+    next_attempt_at: float | None = None  # epoch seconds; None: no retry scheduled
+    version: int = 0  # the row's version in the ledger (0: no row yet); compare-and-set
 
 
 @dataclass(slots=True)
@@ -179,6 +198,21 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor.close()
 
 
+class LedgerConflict(LedgerError):
+    """The record's row changed under us (another writer moved it): re-read and retry."""
+
+
+# Columns added after schema 1, with their SQL for an in-place upgrade.
+_ADDED_COLUMNS: dict[str, dict[str, str]] = {
+    "syncd_records": {
+        "attempts": "INTEGER NOT NULL DEFAULT 0",
+        "next_attempt_at": "FLOAT",
+        # rows written before versions existed are version 1, as if inserted now
+        "version": "INTEGER NOT NULL DEFAULT 1",
+    }
+}
+
+
 class Ledger:
     """Checkpoints, the record -> run map, uploaded artifacts and the sync event log."""
 
@@ -188,6 +222,7 @@ class Ledger:
         try:
             self.engine: Engine = _create_engine(url)
             metadata.create_all(self.engine)
+            self._upgrade_columns()
             self._check_schema_version()
         except sa.exc.SQLAlchemyError as exc:
             raise LedgerError(f"cannot open the ledger at {_safe_url(url)}: {exc}") from exc
@@ -196,12 +231,32 @@ class Ledger:
         self.engine.dispose()
 
     @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        try:
+            with self.engine.connect() as conn:
+                yield conn
+        except sa.exc.SQLAlchemyError as exc:
+            raise LedgerError(f"ledger read failed: {_short_error(exc)}") from exc
+
+    @contextmanager
     def _tx(self) -> Iterator[Connection]:
         try:
             with self.engine.begin() as conn:
                 yield conn
         except sa.exc.SQLAlchemyError as exc:
-            raise LedgerError(f"ledger write failed: {exc}") from exc
+            raise LedgerError(f"ledger write failed: {_short_error(exc)}") from exc
+
+    def _upgrade_columns(self) -> None:
+        """Add the columns of newer schema versions to a ledger made by an older syncd."""
+        inspector = sa.inspect(self.engine)
+        for table, columns in _ADDED_COLUMNS.items():
+            present = {c["name"] for c in inspector.get_columns(table)}
+            missing = {name: sql for name, sql in columns.items() if name not in present}
+            if not missing:
+                continue
+            with self.engine.begin() as conn:
+                for name, sql in missing.items():
+                    conn.execute(sa.text(f'ALTER TABLE {table} ADD COLUMN "{name}" {sql}'))
 
     def _check_schema_version(self) -> None:
         with self.engine.begin() as conn:
@@ -210,6 +265,12 @@ class Ledger:
             ).scalar()
             if found is None:
                 conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
+            elif int(found) < SCHEMA_VERSION:
+                conn.execute(
+                    meta.update()
+                    .where(meta.c.key == "schema_version")
+                    .values(value=str(SCHEMA_VERSION))
+                )
             elif int(found) > SCHEMA_VERSION:
                 raise LedgerError(
                     f"the ledger has schema version {found}, newer than this syncd"
@@ -220,26 +281,39 @@ class Ledger:
 
     def all_records(self) -> dict[str, RecordRow]:
         """Every record of this sink by source: one query, for a fast unchanged-tree pass."""
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             rows = conn.execute(sa.select(records).where(records.c.sink == self.sink))
             return {row.source: _record_row(row) for row in rows}
 
     def get_record(self, source: str) -> RecordRow | None:
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             row = conn.execute(
                 sa.select(records).where(records.c.sink == self.sink, records.c.source == source)
             ).first()
         return _record_row(row) if row else None
 
     def get_run(self, record_id: str) -> RunRow | None:
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             row = conn.execute(
                 sa.select(runs).where(runs.c.sink == self.sink, runs.c.record_id == record_id)
             ).first()
         return _run_row(row) if row else None
 
+    def claimants(self, record_id: str, *, besides: str) -> list[RecordRow]:
+        """Other records of this sink that hold ``record_id`` and are not gone."""
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.select(records).where(
+                    records.c.sink == self.sink,
+                    records.c.record_id == record_id,
+                    records.c.source != besides,
+                    records.c.state != GONE,
+                )
+            )
+            return [_record_row(row) for row in rows]
+
     def unlinked_children(self, parent_record_id: str) -> list[RunRow]:
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             rows = conn.execute(
                 sa.select(runs).where(
                     runs.c.sink == self.sink,
@@ -250,7 +324,7 @@ class Ledger:
             return [_run_row(row) for row in rows]
 
     def artifact_digests(self, record_id: str) -> dict[str, str]:
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             rows = conn.execute(
                 sa.select(artifacts.c.key, artifacts.c.digest).where(
                     artifacts.c.sink == self.sink, artifacts.c.record_id == record_id
@@ -259,7 +333,7 @@ class Ledger:
             return {row.key: row.digest for row in rows}
 
     def errors_of(self, source: str) -> list[tuple[int, int | None, str]]:
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             rows = conn.execute(
                 sa.select(record_errors.c.line, record_errors.c.seq, record_errors.c.reason)
                 .where(record_errors.c.sink == self.sink, record_errors.c.source == source)
@@ -268,7 +342,7 @@ class Ledger:
             return [(row.line, row.seq, row.reason) for row in rows]
 
     def recent_events(self, limit: int = 20) -> list[dict[str, Any]]:
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             rows = conn.execute(
                 sa.select(sync_events)
                 .where(sync_events.c.sink == self.sink)
@@ -289,7 +363,7 @@ class Ledger:
         if progress.kind == "applied":
             rec.last_sync_at = now
         with self._tx() as conn:
-            self._upsert(conn, records, _record_values(self.sink, rec, now), ("sink", "source"))
+            self._write_record(conn, rec, now)
             if progress.run is not None:
                 run = progress.run
                 self._upsert(
@@ -360,6 +434,34 @@ class Ledger:
                     detail=progress.detail,
                 )
             )
+        rec.version += 1
+
+    def _write_record(self, conn: Connection, rec: RecordRow, now: float) -> None:
+        """Insert or update the record's row, only if it is still the version we read."""
+        values = _record_values(self.sink, rec, now)
+        values["version"] = rec.version + 1
+        if rec.version == 0:
+            try:
+                conn.execute(records.insert().values(values))
+            except sa.exc.IntegrityError as exc:
+                raise LedgerConflict(
+                    f"{rec.source}: another writer created this record's row first"
+                ) from exc
+            return
+        result = conn.execute(
+            records.update()
+            .where(
+                records.c.sink == self.sink,
+                records.c.source == rec.source,
+                records.c.version == rec.version,
+            )
+            .values(values)
+        )
+        if result.rowcount != 1:
+            raise LedgerConflict(
+                f"{rec.source}: the record's row changed since it was read (version"
+                f" {rec.version}); re-read it"
+            )
 
     def restart_record(self, row: RecordRow, reason: str) -> RecordRow:
         """The file no longer continues what was synced: forget position and errors."""
@@ -370,11 +472,101 @@ class Ledger:
                     record_errors.c.sink == self.sink, record_errors.c.source == row.source
                 )
             )
-            conn.execute(
-                records.delete().where(records.c.sink == self.sink, records.c.source == row.source)
+            deleted = conn.execute(
+                records.delete().where(
+                    records.c.sink == self.sink,
+                    records.c.source == row.source,
+                    records.c.version == row.version,
+                )
             )
+            if row.version and deleted.rowcount != 1:
+                raise LedgerConflict(f"{row.source}: the record's row changed since it was read")
         self.commit(Progress(record=fresh, kind="replaced", detail=reason))
         return fresh
+
+    def forget(self, sources: Sequence[str]) -> list[str]:
+        """Drop checkpoints, errors, artifact digests and run bindings of ``sources``.
+
+        The next sync projects them again from the start and finds their runs by
+        the ``syncd.record_id`` tag (kept, not duplicated). Returns the sources
+        the ledger knew.
+        """
+        known: list[str] = []
+        with self._tx() as conn:
+            for source in sources:
+                row = conn.execute(
+                    sa.select(records.c.record_id).where(
+                        records.c.sink == self.sink, records.c.source == source
+                    )
+                ).first()
+                if row is None:
+                    continue
+                known.append(source)
+                if row.record_id:
+                    for table in (artifacts, runs):
+                        conn.execute(
+                            table.delete().where(
+                                table.c.sink == self.sink, table.c.record_id == row.record_id
+                            )
+                        )
+                for table in (record_errors, extension_events, records):
+                    conn.execute(
+                        table.delete().where(table.c.sink == self.sink, table.c.source == source)
+                    )
+                conn.execute(
+                    sync_events.insert().values(
+                        at=time.time(),
+                        sink=self.sink,
+                        source=source,
+                        record_id=row.record_id,
+                        kind="forgotten",
+                        events=0,
+                        metric_points=0,
+                        detail="resync: projected again from the start",
+                    )
+                )
+        return known
+
+    def sources_under(self, prefix: str) -> list[str]:
+        """Sources of this sink whose URI starts with ``prefix`` (a folder's file:// URI)."""
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.select(records.c.source).where(
+                    records.c.sink == self.sink, records.c.source.startswith(prefix)
+                )
+            )
+            return [row.source for row in rows]
+
+    def sinks(self) -> list[str]:
+        """Every sink this ledger holds records or runs for."""
+        with self._read() as conn:
+            found = {row[0] for row in conn.execute(sa.select(records.c.sink).distinct())}
+            found |= {row[0] for row in conn.execute(sa.select(runs.c.sink).distinct())}
+        return sorted(found)
+
+    def view(self, sink: str) -> Ledger:
+        """The same database seen for another sink (shares the connection pool)."""
+        other = copy.copy(self)
+        other.sink = sink
+        return other
+
+    def due_retries(self, now: float) -> list[RecordRow]:
+        """Records waiting or failed whose next try is due."""
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.select(records).where(
+                    records.c.sink == self.sink,
+                    records.c.state.in_(tuple(RETRY_STATES)),
+                    sa.or_(records.c.next_attempt_at.is_(None), records.c.next_attempt_at <= now),
+                )
+            )
+            return [_record_row(row) for row in rows]
+
+    def prune_events(self, older_than: float) -> int:
+        """Delete sync events recorded before ``older_than`` (epoch seconds)."""
+        with self._tx() as conn:
+            result = conn.execute(sync_events.delete().where(sync_events.c.at < older_than))
+            return int(result.rowcount or 0)
 
     def mark_linked(self, record_id: str) -> None:
         with self._tx() as conn:
@@ -404,7 +596,7 @@ class Ledger:
     # -- status --------------------------------------------------------------------
 
     def state_counts(self) -> dict[str, int]:
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             counts: dict[str, int] = dict(
                 conn.execute(
                     sa.select(records.c.state, sa.func.count())
@@ -417,15 +609,22 @@ class Ledger:
     def summary(self) -> dict[str, Any]:
         """Counts per state, the last sync, and every record with errors."""
         counts = self.state_counts()
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             last_sync = conn.execute(
                 sa.select(sa.func.max(records.c.last_sync_at)).where(records.c.sink == self.sink)
             ).scalar()
             problem_rows = conn.execute(
-                sa.select(records.c.source, records.c.record_id, records.c.state)
+                sa.select(
+                    records.c.source,
+                    records.c.record_id,
+                    records.c.state,
+                    records.c.last_error,
+                    records.c.attempts,
+                    records.c.next_attempt_at,
+                )
                 .where(
                     records.c.sink == self.sink,
-                    records.c.state.in_((ERROR, FAILED, BLOCKED)),
+                    records.c.state.in_((ERROR, FAILED, WAITING, BLOCKED)),
                 )
                 .order_by(records.c.source)
             ).all()
@@ -434,6 +633,9 @@ class Ledger:
                 "source": row.source,
                 "record_id": row.record_id,
                 "state": row.state,
+                "reason": row.last_error if row.state in RETRY_STATES else None,
+                "attempts": row.attempts or 0,
+                "next_attempt_at": row.next_attempt_at,
                 "errors": [
                     {"line": line, "seq": seq, "reason": reason}
                     for line, seq, reason in self.errors_of(row.source)
@@ -455,6 +657,12 @@ def _create_engine(url: str) -> Engine:
         sa_event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     return sa.create_engine(url, pool_pre_ping=True)
+
+
+def _short_error(exc: BaseException) -> str:
+    """The database's own message, without SQLAlchemy's statement dump."""
+    orig = getattr(exc, "orig", None)
+    return f"{type(orig or exc).__name__}: {orig or exc}"
 
 
 def _safe_url(url: str) -> str:
@@ -479,6 +687,9 @@ def _record_row(row: Any) -> RecordRow:
         error_count=row.error_count,
         last_error=row.last_error,
         last_sync_at=row.last_sync_at,
+        attempts=row.attempts or 0,
+        next_attempt_at=row.next_attempt_at,
+        version=row.version or 0,
     )
 
 
@@ -509,6 +720,8 @@ def _record_values(sink: str, rec: RecordRow, now: float) -> dict[str, Any]:
         "last_error": rec.last_error,
         "last_sync_at": rec.last_sync_at,
         "updated_at": now,
+        "attempts": rec.attempts,
+        "next_attempt_at": rec.next_attempt_at,
     }
 
 

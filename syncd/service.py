@@ -31,11 +31,12 @@ from syncd.config import Settings, load_config
 from syncd.engine import Engine, Outcome
 from syncd.errors import ConfigError, SyncdError
 from syncd.health import HealthServer, HealthState, Metrics
-from syncd.ledger import Ledger
+from syncd.ledger import FAILED, RETRY_STATES, WAITING, Ledger
 from syncd.logging import configure, redact_text
 from syncd.notify import Notifier, watchdog_interval
 from syncd.sink import MlflowSink, RetryPolicy
 from syncd.sources.local import LocalRecord, path_from_uri
+from syncd.supervisor import Supervisor
 from syncd.watch import Watcher
 
 log = structlog.get_logger("syncd.service")
@@ -45,6 +46,9 @@ MAX_BACKOFF = 30.0
 RECORDS_PER_ROUND = 64  # records synced between two looks at signals and rescans
 STATUS_EVERY = 5.0
 LEDGER_GAUGES_EVERY = 10.0
+PRUNE_EVERY = 3600.0
+LOOP_STALE_AFTER = 10.0  # seconds without a beat (and no bounded call) = a wedged loop
+CALL_DEADLINE_MARGIN = 5.0  # seconds past timeouts.http before a call counts as wedged
 
 
 class Backlog:
@@ -110,6 +114,7 @@ class Daemon:
         self.engine: Engine | None = None
         self.watcher: Watcher | None = None
         self.offsets: dict[Path, int] = {}
+        self.retry_due: dict[Path, float] = {}  # waiting/failed records: next try (epoch s)
         self.bytes_per_event = 100.0
         self.retry_at = 0.0
         self.backoff = 0.0
@@ -119,13 +124,23 @@ class Daemon:
         self.last_gauges = 0.0
         self.synced_records = 0
         self.ping_every = watchdog_interval()
+        self.supervisor = Supervisor(
+            ping=self.notifier.watchdog if self.ping_every is not None else (lambda: None),
+            on_alive=self._alive,
+            interval=min(1.0, self.ping_every or 1.0),
+            stale_after=LOOP_STALE_AFTER,
+        )
+        self.drain_deadline: float | None = None
+        self.last_prune = 0.0
 
     # -- lifecycle -----------------------------------------------------------------
 
     def run(self) -> int:
         with ExitStack() as stack:
             self._install_signals()
-            self._open()
+            self.supervisor.start()
+            stack.callback(self.supervisor.stop)
+            self._use(*self._open(self.settings))
             stack.callback(self._close_ledger)
             endpoint = self.settings.health_endpoint
             if endpoint is not None:
@@ -179,26 +194,42 @@ class Daemon:
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGHUP, reload)
 
-    def _open(self) -> None:
-        """Ledger, sink and engine for the current settings."""
-        for root in self.settings.roots:
-            if root.is_s3:
-                raise ConfigError(f"roots: {root.path}: s3:// roots are not supported yet")
-        ledger = open_ledger(self.settings)
+    def _open(self, settings: Settings) -> tuple[Ledger, MlflowSink, Engine]:
+        """Ledger, sink and engine for ``settings`` (nothing is replaced yet)."""
+        check_roots(settings)
+        ledger = open_ledger(settings)
         assert ledger is not None
-        self.ledger = ledger
-        self.sink = MlflowSink(
-            self.settings.tracking_uri, retry=RetryPolicy(attempts=2, max_delay=0.5)
+        sink = MlflowSink(
+            settings.tracking_uri,
+            retry=RetryPolicy(attempts=2, max_delay=0.5),
+            artifact_root=settings.artifact_root,
+            call_deadline=settings.timeouts.http + CALL_DEADLINE_MARGIN,
+            bounded=self.supervisor.bounded,
         )
-        self.engine = Engine(
+        engine = Engine(
             ledger,
-            self.sink,
-            default_experiment=root_experiments(self.settings.roots),
+            sink,
+            default_experiment=root_experiments(settings.roots),
             on_step=self._beat,
+            bounded=self.supervisor.bounded,
+            should_stop=self._past_drain_deadline,
         )
+        return ledger, sink, engine
+
+    def _use(self, ledger: Ledger, sink: MlflowSink, engine: Engine) -> None:
+        self.ledger, self.sink, self.engine = ledger, sink, engine
         self.offsets = {}
+        self.retry_due = {}
         with self.state_lock:
             self.state.ledger_open = True
+
+    def _past_drain_deadline(self) -> bool:
+        return self.drain_deadline is not None and time.monotonic() > self.drain_deadline
+
+    def _alive(self, now: float) -> None:
+        """The supervisor's verdict: progress is possible (``/healthz`` reads it)."""
+        with self.state_lock:
+            self.state.heartbeat = now
 
     def _close_ledger(self) -> None:
         if self.ledger is not None:
@@ -240,11 +271,22 @@ class Daemon:
             now = time.monotonic()
             if now >= self.next_rescan:
                 self._rescan()
+            self._queue_due_retries()
             if self._due():
                 self._sync_round(deadline=None)
                 continue
             self.backlog.wake.clear()
             self.backlog.wake.wait(self._sleep_for())
+
+    def _queue_due_retries(self) -> None:
+        """Waiting and failed records whose backoff has passed go back to the backlog."""
+        if not self.retry_due:
+            return
+        now = time.time()
+        for path, due in list(self.retry_due.items()):
+            if due <= now:
+                del self.retry_due[path]
+                self.backlog.add(path)
 
     def _due(self) -> bool:
         """True when records wait, the sink is not backing off and the linger has passed."""
@@ -256,6 +298,8 @@ class Daemon:
     def _sleep_for(self) -> float:
         now = time.monotonic()
         wait = min(LOOP_TICK, max(0.0, self.next_rescan - now))
+        if self.retry_due:
+            wait = min(wait, max(0.0, min(self.retry_due.values()) - time.time()))
         oldest = self.backlog.oldest()
         if oldest is not None:
             if now < self.retry_at:
@@ -276,7 +320,7 @@ class Daemon:
             try:
                 outcome = self.engine.sync(record, self._row_for(path))
             except SyncdError as exc:  # the ledger failed: keep the notice, try again later
-                log.error("sync_failed", file=str(path), error=str(exc))
+                log.error("ledger_failed", file=str(path), error=redact_text(str(exc))[:500])
                 self.backlog.add(path, since)
                 self._back_off(str(exc))
                 return
@@ -287,9 +331,16 @@ class Daemon:
                 self.backlog.add(path, since)
                 self._back_off(outcome.message or "MLflow unavailable")
                 return
+            if outcome.state == FAILED:
+                self._schedule_retry(path)
             self._beat()
             if self.reload_requested or (self.stopping and deadline is None):
                 return
+
+    def _schedule_retry(self, path: Path) -> None:
+        row = self._row_for(path)
+        if row is not None and row.state in RETRY_STATES:
+            self.retry_due[path] = row.next_attempt_at or time.time()
 
     def _row_for(self, path: Path) -> Any:
         assert self.ledger is not None
@@ -316,10 +367,13 @@ class Daemon:
             m.sink_retries.inc(self.sink.take_retries())
         if outcome.retry_later:
             m.sink_errors.labels(kind="transient").inc()
+            m.record_failures.labels(state=WAITING).inc()
             return
-        if outcome.state == "failed":
-            m.sink_errors.labels(kind="permanent").inc()
-        if outcome.events or outcome.state != "failed":
+        if outcome.state == FAILED:
+            m.record_failures.labels(state=FAILED).inc()
+            if (outcome.message or "").startswith("MLflow refused"):
+                m.sink_errors.labels(kind="permanent").inc()
+        if outcome.run_id is not None:  # MLflow acknowledged writes just now
             self._sink_ok()
         if outcome.events:
             self.synced_records += 1
@@ -368,6 +422,14 @@ class Daemon:
             for _root, path in iter_record_files(self.settings.roots):
                 row = known.get(path.as_uri())
                 self.offsets.setdefault(path, row.offset if row else 0)
+                if row is not None and row.state in RETRY_STATES:
+                    due = row.next_attempt_at or 0.0
+                    if due > time.time():
+                        self.retry_due.setdefault(path, due)
+                        continue
+                    self.backlog.add(path)
+                    queued += 1
+                    continue
                 try:
                     st = path.stat()
                 except FileNotFoundError:
@@ -405,8 +467,8 @@ class Daemon:
         events = int(backlog_bytes / max(self.bytes_per_event, 1.0))
         oldest = self.backlog.oldest()
         lag = max(0.0, time.time() - oldest) if oldest is not None else 0.0
+        self.supervisor.beat()
         with self.state_lock:
-            self.state.heartbeat = now
             self.state.backlog_records = backlog_records
             self.state.backlog_events = events
             self.state.lag_seconds = round(lag, 3)
@@ -417,12 +479,12 @@ class Daemon:
         m.backlog_bytes.set(backlog_bytes)
         m.backlog_events.set(events)
         m.oldest_unsynced.set(lag)
-        if self.ping_every is not None and now - self.last_ping >= self.ping_every:
-            self.notifier.watchdog()
-            self.last_ping = now
         if now - self.last_status >= STATUS_EVERY:
             self.notifier.status(self._status_line())
             self.last_status = now
+        if now - self.last_prune >= PRUNE_EVERY and self.ledger is not None:
+            self.last_prune = now
+            self._prune_events()
         if now - self.last_gauges >= LEDGER_GAUGES_EVERY and self.ledger is not None:
             self.last_gauges = now
             try:
@@ -430,6 +492,18 @@ class Daemon:
                     m.records.labels(state=state).set(count)
             except SyncdError as exc:
                 log.warning("ledger_gauges_failed", error=str(exc))
+
+    def _prune_events(self) -> None:
+        days = self.settings.ledger.events_retention_days
+        if not days or self.ledger is None:
+            return
+        try:
+            pruned = self.ledger.prune_events(time.time() - days * 86400)
+        except SyncdError as exc:
+            log.warning("ledger_prune_failed", error=redact_text(str(exc))[:300])
+            return
+        if pruned:
+            log.info("ledger_pruned", sync_events=pruned, older_than_days=days)
 
     def _backlog_bytes(self) -> int:
         total = 0
@@ -463,15 +537,28 @@ class Daemon:
         old = self.settings
         if new.health_addr != old.health_addr:
             log.warning("reload_health_addr_ignored", detail="a new health address needs a restart")
+        changed_sink = (new.tracking_uri, new.ledger_url_resolved, new.artifact_root) != (
+            old.tracking_uri,
+            old.ledger_url_resolved,
+            old.artifact_root,
+        )
+        try:
+            check_roots(new)
+            opened = self._open(new) if changed_sink else None
+        except SyncdError as exc:  # keep what runs: a bad reload must not end the service
+            log.error(
+                "reload_rejected",
+                error=redact_text(str(exc))[:500],
+                action="keeping the running config",
+            )
+            self.notifier.ready(self._status_line())
+            return
         configure(new.log.format, new.log.level)
         self._stop_watcher()
         self.settings = new
-        if (new.tracking_uri, new.ledger_url_resolved) != (
-            old.tracking_uri,
-            old.ledger_url_resolved,
-        ):
+        if opened is not None:
             self._close_ledger()
-            self._open()
+            self._use(*opened)
             self._check_sink()
         elif self.engine is not None:
             self.engine.default_experiment = root_experiments(new.roots)
@@ -485,6 +572,7 @@ class Daemon:
         self.notifier.stopping()
         self._stop_watcher()
         deadline = time.monotonic() + self.settings.writer.drain_timeout
+        self.drain_deadline = deadline
         while len(self.backlog) and time.monotonic() < deadline:
             if time.monotonic() < self.retry_at:
                 time.sleep(min(0.1, self.retry_at - time.monotonic()))
@@ -503,4 +591,27 @@ def run_service(config_path: Path | None, overrides: Mapping[str, Any]) -> int:
     if not settings.roots:
         raise ConfigError("roots: no roots to watch (give ROOT arguments or 'roots' in the config)")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(settings.timeouts.http)))
+    check_roots(settings)
     return Daemon(config_path, overrides, settings).run()
+
+
+def check_roots(settings: Settings) -> None:
+    """Every local root exists (or is created with ``create_roots: true``)."""
+    for root in settings.roots:
+        if root.is_s3:
+            raise ConfigError(f"roots: {root.path}: s3:// roots are not supported yet")
+        path = Path(root.path)
+        if path.is_dir():
+            continue
+        if path.exists():
+            raise ConfigError(f"roots: {root.path} is not a directory")
+        if not settings.create_roots:
+            raise ConfigError(
+                f"roots: {root.path} does not exist (a mistyped path or an unmounted"
+                " volume?); create it, or set create_roots: true"
+            )
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"roots: cannot create {root.path}: {exc.strerror}") from exc
+        log.info("root_created", path=root.path)

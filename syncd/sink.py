@@ -18,11 +18,11 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import structlog
 
@@ -35,6 +35,7 @@ from syncd.projection import (
     Batch,
     Entry,
     MetricPoint,
+    RunSpec,
     WritePlan,
 )
 
@@ -108,48 +109,167 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(path) if path and path != ":memory:" else None
 
 
-class _FileLock:
-    """An interprocess lock (flock) beside a SQLite store; re-entrant within a thread."""
+def default_artifact_root(tracking_uri: str) -> str | None:
+    """Where artifacts of a SQLite store go: ``mlartifacts`` beside the database.
 
-    def __init__(self, path: Path) -> None:
+    MLflow's own default is ``./mlruns`` of whatever folder the process runs in.
+    """
+    db = sqlite_path(tracking_uri)
+    return str(db.absolute().parent / "mlartifacts") if db else None
+
+
+@contextmanager
+def _anchored_artifacts(root: str | None) -> Iterator[None]:
+    """Build a SQLite store whose default artifact root (experiment 0's) is ``root``.
+
+    MLflow reads the root for stores built without one from this variable
+    (``_get_sqlalchemy_store``); it is set only while the client is built.
+    """
+    name = "_MLFLOW_SERVER_ARTIFACT_ROOT"
+    if root is None or name in os.environ:
+        yield
+        return
+    os.environ[name] = root
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+
+
+def _folder_name(experiment: str) -> str:
+    """A readable, unique folder name for an experiment's artifacts."""
+    import hashlib
+    import re
+
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", experiment).strip("-.")[:60] or "experiment"
+    return f"{slug}-{hashlib.sha256(experiment.encode()).hexdigest()[:8]}"
+
+
+MIN_UPLOAD_BYTES_PER_S = 1024 * 1024
+
+
+def _size_of(path: Path) -> int:
+    try:
+        if path.is_dir():
+            return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+class Bounded(Protocol):
+    def __call__(self, what: str, seconds: float) -> AbstractContextManager[None]: ...
+
+
+@contextmanager
+def unbounded(what: str, seconds: float) -> Iterator[None]:
+    """No supervisor: calls are bounded by their own timeouts only."""
+    yield
+
+
+class _FileLock:
+    """An interprocess lock (flock) beside a SQLite store; re-entrant within a thread.
+
+    Waiting for it is bounded: past ``timeout`` the write is a transient failure
+    (the record waits and is retried) instead of a daemon that hangs.
+    """
+
+    def __init__(self, path: Path, timeout: float = 300.0) -> None:
         self.path = path
+        self.timeout = timeout
         self._local = threading.RLock()
         self._fd: int | None = None
         self._depth = 0
+        self._owner: int | None = None
+
+    @property
+    def owned(self) -> bool:
+        return self._owner == threading.get_ident() and self._depth > 0
+
+    def acquire_within(self) -> None:
+        """Take the lock (one level), polling up to ``timeout``; TransientSinkError after."""
+        self._local.acquire()
+        try:
+            if self._depth == 0:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                deadline = time.monotonic() + self.timeout
+                delay = 0.005
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() >= deadline:
+                            os.close(fd)
+                            raise TransientSinkError(
+                                f"the store lock {self.path} was held by another process"
+                                f" for over {self.timeout:.0f}s"
+                            ) from None
+                        time.sleep(delay)
+                        delay = min(delay * 2, 0.25)
+                self._fd = fd
+                self._owner = threading.get_ident()
+            self._depth += 1
+        except BaseException:
+            self._local.release()
+            raise
+
+    def release_once(self) -> None:
+        try:
+            self._depth -= 1
+            if self._depth == 0 and self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                os.close(self._fd)
+                self._fd = None
+                self._owner = None
+        finally:
+            self._local.release()
 
     @contextmanager
     def held(self) -> Iterator[None]:
-        with self._local:
-            if self._depth == 0:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-                fcntl.flock(self._fd, fcntl.LOCK_EX)
-            self._depth += 1
-            try:
-                yield
-            finally:
-                self._depth -= 1
-                if self._depth == 0 and self._fd is not None:
-                    fcntl.flock(self._fd, fcntl.LOCK_UN)
-                    os.close(self._fd)
-                    self._fd = None
+        self.acquire_within()
+        try:
+            yield
+        finally:
+            self.release_once()
 
 
 class MlflowSink:
     """Applies write plans to one MLflow tracking URI."""
 
-    def __init__(self, tracking_uri: str, *, retry: RetryPolicy | None = None) -> None:
+    def __init__(
+        self,
+        tracking_uri: str,
+        *,
+        retry: RetryPolicy | None = None,
+        artifact_root: str | None = None,
+        call_deadline: float = 35.0,
+        lock_timeout: float = 300.0,
+        bounded: Bounded | None = None,
+    ) -> None:
         self.tracking_uri = tracking_uri
         self.retry = retry or RetryPolicy()
+        # Every MLflow call runs under ``bounded(what, seconds)``: the daemon's
+        # supervisor keeps the watchdog fed while a call is within its deadline.
+        self.bounded: Bounded = bounded or unbounded
+        self.call_deadline = call_deadline
         self._client: MlflowClient | None = None
         self._experiments: dict[str, str] = {}
         # Experiments this sink created: they hold no runs but the ones it made itself,
-        # so a record without a ledger mapping needs no adoption search there.
+        # so a record without a ledger mapping needs no adoption search there, unless
+        # a create of that record failed or went unanswered (``_uncertain``).
         self._created_experiments: set[str] = set()
+        self._uncertain: set[str] = set()
         db = sqlite_path(tracking_uri)
-        self._lock = _FileLock(db.with_name(db.name + ".syncd-lock")) if db else None
+        self._lock = (
+            _FileLock(db.with_name(db.name + ".syncd-lock"), timeout=lock_timeout) if db else None
+        )
+        self.artifact_root = artifact_root or default_artifact_root(tracking_uri)
         self._retries = 0
         self._heap_frozen = False
+        if self.artifact_root:
+            log.info("artifact_root", path=self.artifact_root)
 
     # -- plumbing ------------------------------------------------------------------
 
@@ -161,38 +281,79 @@ class MlflowSink:
             os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
             from mlflow.tracking import MlflowClient
 
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            def build() -> MlflowClient:
+                self.check_schema()
+                with _anchored_artifacts(self.artifact_root):
+                    return MlflowClient(tracking_uri=self.tracking_uri)
+
+            # Building the client opens (and for a new SQLite store, creates) the store:
+            # its errors are sink errors like any call's.
+            with self._serialised():
+                self._client = self._call("open tracking store", build)
         return self._client
 
     @contextmanager
     def _serialised(self) -> Iterator[None]:
         if self._lock is None:
             yield
+            return
+        if self._lock.owned:  # re-entered: no wait
+            self._lock.acquire_within()
         else:
-            with self._lock.held():
-                yield
+            with self.bounded("waiting for the store lock", self._lock.timeout + 5):
+                self._lock.acquire_within()
+        try:
+            yield
+        finally:
+            self._lock.release_once()
 
     def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Call MLflow, retrying transient failures with backoff; raise SinkError otherwise."""
         attempt = 0
         while True:
             try:
-                return fn(*args, **kwargs)
+                with self.bounded(what, self.call_deadline):
+                    return fn(*args, **kwargs)
             except Exception as exc:
                 err = classify(exc)
                 if isinstance(err, PermanentSinkError) or attempt + 1 >= self.retry.attempts:
                     raise err from exc
-                delay = self.retry.delay(attempt)
-                log.warning(
-                    "sink_retry",
-                    call=what,
-                    attempt=attempt + 1,
-                    delay_s=round(delay, 3),
-                    error=str(err)[:300],
-                )
-                self._retries += 1
+                self._note_retry(what, attempt, err)
                 attempt += 1
-                time.sleep(delay)
+
+    def _note_retry(self, what: str, attempt: int, err: SinkError) -> None:
+        """Log and count a retry, then wait out its backoff."""
+        delay = self.retry.delay(attempt)
+        log.warning(
+            "sink_retry",
+            call=what,
+            attempt=attempt + 1,
+            delay_s=round(delay, 3),
+            error=str(err)[:300],
+        )
+        self._retries += 1
+        time.sleep(delay)
+
+    def check_schema(self) -> None:
+        """StoreSchemaError unless a SQLite store is fresh or at this MLflow's schema."""
+        db = sqlite_path(self.tracking_uri)
+        if db is not None:
+            from syncd.store_schema import check_store
+
+            check_store(db)
+
+    def upgrade_store(self) -> Path | None:
+        """Back up and migrate an older SQLite store (the backup's path, or None)."""
+        db = sqlite_path(self.tracking_uri)
+        if db is None:
+            return None
+        from syncd.store_schema import upgrade_store
+
+        with self._serialised():
+            backup = upgrade_store(db)
+        if backup is not None:
+            log.warning("store_upgraded", store=str(db), backup=str(backup))
+        return backup
 
     def check(self) -> None:
         """Raise SinkError unless the tracking store answers (used for readiness)."""
@@ -215,7 +376,12 @@ class MlflowSink:
         exp = self._call("get_experiment_by_name", self.client.get_experiment_by_name, name)
         if exp is None:
             try:
-                exp_id = self.client.create_experiment(name)
+                location = (
+                    f"{self.artifact_root.rstrip('/')}/{_folder_name(name)}"
+                    if self.artifact_root
+                    else None
+                )
+                exp_id = self.client.create_experiment(name, artifact_location=location)
                 self._created_experiments.add(str(exp_id))
             except Exception as exc:
                 err = classify(exc)
@@ -241,9 +407,6 @@ class MlflowSink:
         """The run already carrying ``syncd.record_id``, if any (adoption)."""
         from mlflow.entities import ViewType
 
-        if experiment_id in self._created_experiments:
-            return None
-
         found = self._call(
             "search_runs",
             self.client.search_runs,
@@ -257,18 +420,71 @@ class MlflowSink:
 
     # -- apply ---------------------------------------------------------------------
 
+    def resolve_run(self, spec: RunSpec, parent_run_id: str | None) -> ApplyResult:
+        """The record's run: adopted by its ``syncd.record_id`` tag, or created with it.
+
+        The tag is part of the create call, so a run that exists always names its
+        record. A create that failed or went unanswered may still have happened:
+        before creating again, the run is looked up by its tag. MLflow's create
+        calls are not idempotent, so they are never retried blindly.
+        """
+        with self._serialised():
+            experiment_id = self.experiment_id(spec.experiment)
+            search = (
+                spec.record_id in self._uncertain or experiment_id not in self._created_experiments
+            )
+            tags = dict(spec.tags)
+            if parent_run_id:
+                tags[PARENT_RUN_TAG] = parent_run_id
+            attempt = 0
+            while True:
+                if search:
+                    existing = self.find_run(experiment_id, spec.record_id)
+                    if existing is not None:
+                        self._ensure_active(existing)
+                        self._uncertain.discard(spec.record_id)
+                        log.debug(
+                            "run_adopted", run_id=existing.info.run_id, record_id=spec.record_id
+                        )
+                        return ApplyResult(
+                            run_id=existing.info.run_id, experiment_id=experiment_id, created=False
+                        )
+                try:
+                    with self.bounded("create_run", self.call_deadline):
+                        run = self.client.create_run(
+                            experiment_id,
+                            start_time=spec.start_time,
+                            tags=tags,
+                            run_name=spec.run_name,
+                        )
+                except Exception as exc:
+                    err = classify(exc)
+                    self._uncertain.add(spec.record_id)
+                    search = True
+                    if isinstance(err, PermanentSinkError) or attempt + 1 >= self.retry.attempts:
+                        raise err from exc
+                    self._note_retry("create_run", attempt, err)
+                    attempt += 1
+                    continue
+                self._uncertain.discard(spec.record_id)
+                log.debug("run_created", run_id=run.info.run_id, record_id=spec.record_id)
+                return ApplyResult(
+                    run_id=run.info.run_id, experiment_id=experiment_id, created=True
+                )
+
     def apply(
         self,
         plan: WritePlan,
         *,
-        run_id: str | None,
-        experiment_id: str | None,
+        run: ApplyResult,
         parent_run_id: str | None,
         uploads: list[ResolvedArtifact],
     ) -> ApplyResult:
-        """Apply a plan; entries MLflow refuses are reported, the rest lands."""
+        """Apply a plan to the record's run; entries MLflow refuses are reported."""
+        result = ApplyResult(
+            run_id=run.run_id, experiment_id=run.experiment_id, created=run.created
+        )
         with self._serialised():
-            result = self._resolve_run(plan, run_id, experiment_id, parent_run_id)
             self._write(plan, result, parent_run_id, uploads)
         if not self._heap_frozen:
             # MLflow, SQLAlchemy and their stores are loaded now and live as long as the
@@ -278,40 +494,6 @@ class MlflowSink:
             gc.freeze()
             self._heap_frozen = True
         return result
-
-    def _resolve_run(
-        self,
-        plan: WritePlan,
-        run_id: str | None,
-        experiment_id: str | None,
-        parent_run_id: str | None,
-    ) -> ApplyResult:
-        """The record's run: known from the ledger, adopted by its tag, or created."""
-        if run_id is not None and experiment_id is not None:
-            return ApplyResult(run_id=run_id, experiment_id=experiment_id, created=False)
-        if plan.run is None:
-            raise PermanentSinkError("the record has no run yet (its run_started is missing)")
-        experiment_id = self.experiment_id(plan.run.experiment)
-        existing = self.find_run(experiment_id, plan.run.record_id)
-        if existing is not None:
-            self._ensure_active(existing)
-            log.info("run_adopted", run_id=existing.info.run_id, record_id=plan.run.record_id)
-            return ApplyResult(
-                run_id=existing.info.run_id, experiment_id=experiment_id, created=False
-            )
-        tags = dict(plan.run.tags)
-        if parent_run_id:
-            tags[PARENT_RUN_TAG] = parent_run_id
-        run = self._call(
-            "create_run",
-            self.client.create_run,
-            experiment_id,
-            start_time=plan.run.start_time,
-            tags=tags,
-            run_name=plan.run.run_name,
-        )
-        log.info("run_created", run_id=run.info.run_id, record_id=plan.run.record_id)
-        return ApplyResult(run_id=run.info.run_id, experiment_id=experiment_id, created=True)
 
     def _write(
         self,
@@ -402,22 +584,30 @@ class MlflowSink:
             )
 
     def _upload(self, run_id: str, upload: ResolvedArtifact, result: ApplyResult) -> None:
-        if upload.is_dir:
-            self._call(
-                "log_artifacts",
-                self.client.log_artifacts,
-                run_id,
-                str(upload.local_path),
-                upload.artifact_path,
-            )
-        else:
-            self._call(
-                "log_artifact",
-                self.client.log_artifact,
-                run_id,
-                str(upload.local_path),
-                upload.artifact_path,
-            )
+        # An upload may take longer than one request's timeout: allow for 1 MiB/s.
+        saved, self.call_deadline = (
+            self.call_deadline,
+            self.call_deadline + _size_of(upload.local_path) / MIN_UPLOAD_BYTES_PER_S,
+        )
+        try:
+            if upload.is_dir:
+                self._call(
+                    "log_artifacts",
+                    self.client.log_artifacts,
+                    run_id,
+                    str(upload.local_path),
+                    upload.artifact_path,
+                )
+            else:
+                self._call(
+                    "log_artifact",
+                    self.client.log_artifact,
+                    run_id,
+                    str(upload.local_path),
+                    upload.artifact_path,
+                )
+        finally:
+            self.call_deadline = saved
         result.uploaded[upload.key] = upload.digest
 
     def _log_datasets(self, run_id: str, plan: WritePlan) -> None:

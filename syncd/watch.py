@@ -131,7 +131,6 @@ class Watcher:
     def _start(self, *, polling: bool) -> None:
         observer: Any = PollingObserver(timeout=self.poll_interval) if polling else Observer()
         for root in self.roots:
-            Path(root.path).mkdir(parents=True, exist_ok=True)
             observer.schedule(RecordEventHandler(root, self.notice), root.path, recursive=True)
         observer.daemon = True
         observer.start()

@@ -322,7 +322,10 @@ def test_systemd_notify_and_a_stuck_loop_stops_watchdog_pings(
             env={
                 "NOTIFY_SOCKET": str(notify.path),
                 "WATCHDOG_USEC": "1000000",
-                "SYNCD_TIMEOUTS__HTTP": "300",
+                # syncd gives each call timeouts.http + 5 s; this client waits far longer,
+                # as a call that ignores its timeout would.
+                "SYNCD_TIMEOUTS__HTTP": "1",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": "300",
             },
         )
         wait_for(lambda: notify.fields("READY=1"), 60, what="READY=1")
@@ -330,7 +333,7 @@ def test_systemd_notify_and_a_stuck_loop_stops_watchdog_pings(
         assert notify.fields("STATUS=")
         assert syncd.get("/healthz")[0] == 200
 
-        # The loop now blocks inside an MLflow call that never returns.
+        # The loop now blocks inside an MLflow call that outlives its deadline.
         rec = RunRecorder(root / "r", experiment="e").start()
         rec.finish()
         time.sleep(0)  # the notice arrives by inotify

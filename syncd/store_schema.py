@@ -1,0 +1,152 @@
+"""The schema guard of a SQLite MLflow store: never open a store syncd's MLflow does not know.
+
+MLflow upgrades a store's schema implicitly when it opens one whose tables are
+incomplete, without a backup, and a newer MLflow that opened syncd's store
+leaves a schema the installed one refuses (there is no downgrade). So before
+the first write syncd compares the store's alembic revision with the head of
+the MLflow it runs on:
+
+- the same: go on;
+- older (a revision MLflow knows): stop and say how to upgrade it
+  (``syncd backfill --upgrade-store`` makes a backup first);
+- unknown (written by a newer MLflow): stop and name both versions.
+
+Fresh stores (no file, or no tables yet) are created as usual.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from syncd.errors import TransientSinkError
+
+
+class StoreSchemaError(TransientSinkError):
+    """The store's schema is not the one syncd's MLflow writes; retried until it is fixed."""
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaState:
+    path: Path
+    current: str | None  # None: a fresh store (no tables)
+    head: str
+    known: bool  # ``current`` is a revision of the installed MLflow
+
+    @property
+    def matches(self) -> bool:
+        return self.current is None or self.current == self.head
+
+
+def mlflow_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in ("mlflow", "mlflow-skinny"):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def _migrations() -> object:
+    import mlflow
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory(str(Path(mlflow.__file__).parent / "store" / "db_migrations"))
+
+
+def inspect_store(path: Path) -> SchemaState:
+    """The store's revision against the installed MLflow's head (read-only)."""
+    script = _migrations()
+    heads = script.get_heads()  # type: ignore[attr-defined]
+    head = str(heads[0]) if heads else ""
+    if not path.exists() or path.stat().st_size == 0:
+        return SchemaState(path, None, head, True)
+    try:
+        conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=30)
+        try:
+            tables = {
+                row[0]
+                for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
+            if not tables - {"alembic_version"}:
+                return SchemaState(path, None, head, True)
+            if "alembic_version" not in tables:
+                raise StoreSchemaError(
+                    f"{path} holds tables but no alembic_version: it is not an MLflow store"
+                )
+            row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise StoreSchemaError(f"cannot read the MLflow store {path}: {exc}") from exc
+    current = str(row[0]) if row else ""
+    try:
+        known = script.get_revision(current) is not None  # type: ignore[attr-defined]
+    except Exception:
+        known = False
+    return SchemaState(path, current, head, known)
+
+
+def check_store(path: Path) -> SchemaState:
+    """Raise StoreSchemaError unless the store at ``path`` is fresh or at MLflow's head."""
+    state = inspect_store(path)
+    if state.matches:
+        return state
+    ours = f"MLflow {mlflow_version()} (schema {state.head})"
+    if state.known:
+        raise StoreSchemaError(
+            f"the MLflow store {path} has the older schema {state.current}; syncd writes"
+            f" {ours} and never upgrades a store implicitly. Upgrade it with"
+            f" 'syncd backfill --upgrade-store ...' (a backup copy is made first) or"
+            f" 'mlflow db upgrade sqlite:///{path}' after a backup"
+        )
+    raise StoreSchemaError(
+        f"the MLflow store {path} has schema {state.current}, written by a newer MLflow than"
+        f" syncd's {ours}, which cannot open it (there is no downgrade). Install a syncd"
+        " whose MLflow matches the one that upgraded the store, or restore the store from"
+        " the backup taken before the upgrade"
+    )
+
+
+def upgrade_store(path: Path) -> Path | None:
+    """Back the store up beside itself, then migrate it to MLflow's head.
+
+    Returns the backup's path (None when nothing needed doing). The caller holds
+    the store's interprocess lock.
+    """
+    state = inspect_store(path)
+    if state.matches:
+        return None
+    if not state.known:
+        check_store(path)  # raises: a newer store cannot be migrated back
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    backup = path.with_name(f"{path.name}.backup-{state.current}-{stamp}")
+    source = sqlite3.connect(path, timeout=30)
+    try:
+        target = sqlite3.connect(backup)
+        try:
+            source.backup(target)  # a consistent copy, even with readers attached
+        finally:
+            target.close()
+    finally:
+        source.close()
+    import sqlalchemy
+
+    try:
+        from mlflow.store.db.utils import _upgrade_db
+    except ImportError as exc:  # pragma: no cover - depends on the MLflow release
+        raise StoreSchemaError(
+            f"this MLflow cannot upgrade stores itself: run 'mlflow db upgrade sqlite:///{path}'"
+            f" (backup made at {backup})"
+        ) from exc
+
+    engine = sqlalchemy.create_engine(f"sqlite:///{path}")
+    try:
+        _upgrade_db(engine)  # type: ignore[no-untyped-call]
+    finally:
+        engine.dispose()
+    return backup

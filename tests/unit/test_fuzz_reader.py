@@ -19,7 +19,7 @@ from syncd.artifacts import ResolvedArtifact
 from syncd.engine import Engine
 from syncd.errors import RecordError
 from syncd.ledger import Ledger
-from syncd.projection import WritePlan
+from syncd.projection import RunSpec, WritePlan
 from syncd.record.events import Event, parse_line
 from syncd.record.reader import parse_lines, read_complete_lines
 from syncd.sink import ApplyResult
@@ -170,21 +170,22 @@ class FakeSink:
         self.tags: dict[str, str] = {}
         self.runs = 0
 
+    def resolve_run(self, spec: RunSpec, parent_run_id: str | None) -> ApplyResult:
+        self.runs += 1
+        return ApplyResult(run_id=f"run-{self.runs}", experiment_id="0", created=True)
+
     def apply(
         self,
         plan: WritePlan,
         *,
-        run_id: str | None,
-        experiment_id: str | None,
+        run: ApplyResult,
         parent_run_id: str | None,
         uploads: list[ResolvedArtifact],
     ) -> ApplyResult:
-        if run_id is None:
-            self.runs += 1
         for batch in plan.batches:
             self.points += [(p.line, p.key) for p in batch.metrics]
             self.tags.update((t.key, t.value) for t in batch.tags)
-        return ApplyResult(run_id=run_id or "run-1", experiment_id="0", created=run_id is None)
+        return ApplyResult(run_id=run.run_id, experiment_id=run.experiment_id, created=False)
 
     def link_parent(self, run_id: str, parent_run_id: str) -> None:
         pass

@@ -33,7 +33,8 @@ class Case:
     name: str
     build: Callable[[Path], None]  # fills <root>/<name>/
     state: str | None  # ledger state; None: no record at all (not found as one)
-    errors: list[tuple[int | None, str]] = field(default_factory=list)  # (line, reason part)
+    # (line, part of the reason); line None: a whole-record reason, whatever line it names
+    errors: list[tuple[int | None, str]] = field(default_factory=list)
     check: Check | None = None  # what must be in MLflow
     record_dir: str = ""  # the record's folder below the case folder, if not the case folder
     skip: str | None = None  # why the case cannot run here
@@ -466,7 +467,7 @@ def _check_late_started(client: Any, runs: dict[str, Any]) -> None:
 
 ROOT_SKIP = "runs as root, which reads a chmod 000 file anyway (record_symlink_loop covers an open that fails)"
 CONTAINMENT = "the engine marks a record it cannot read 'failed' instead of raising"
-UNIQUE_ID = "the engine refuses a record_id already owned by another file"
+UNIQUE_ID = "the engine holds back a file whose record_id another live file owns"
 
 CASES: list[Case] = [
     Case("good", _good, "synced", check=_check_good),
@@ -569,8 +570,8 @@ CASES: list[Case] = [
     Case(
         "duplicate_record_id",
         _dup,
-        "error",
-        [(1, "record_id")],
+        "blocked",
+        [(None, "is already used by")],
         _check_dup,
         record_dir="b",
         needs=UNIQUE_ID,
@@ -692,7 +693,7 @@ CASES: list[Case] = [
         _record_symlink_loop,
         "failed",
         [(None, "Too many levels of symbolic links")],
-        needs=CONTAINMENT,
+        needs=CONTAINMENT + "; syncd run's rescan stats records outside that containment",
     ),
     Case(
         "fifo_record",

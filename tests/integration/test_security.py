@@ -162,7 +162,7 @@ def test_no_password_from_an_unreachable_tracking_uri(workdir: Path) -> None:
     assert backfill.returncode == 1
     assert "Traceback" not in backfill.stderr
     summary = json.loads(backfill.stdout)
-    assert summary["aborted"] or summary["failed"]
+    assert summary["waiting"] == 1 and summary["synced"] == 0  # MLflow is unreachable
     assert "user:***@127.0.0.1:1" in summary["tracking_uri"]
     status = syncd_with(env, "status", "--tracking-uri", uri, "--json", cwd=workdir)
     assert_no_secret(backfill.stdout, backfill.stderr, status.stdout, status.stderr)

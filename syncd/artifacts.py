@@ -9,8 +9,10 @@ already happened.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -35,48 +37,137 @@ def artifact_key(path: str, artifact_path: str | None) -> str:
 
 
 def confine(run_dir: Path, relative: str) -> Path:
-    """The real path of ``relative`` inside ``run_dir``, or ArtifactRefused."""
+    """The real path of ``relative`` inside ``run_dir``, or ArtifactRefused.
+
+    Only regular files and folders of them are artifacts: a FIFO (opening it would
+    block), a device, a socket or a symlink loop is refused, also inside a folder.
+    """
     pure = PurePosixPath(relative)
     if pure.is_absolute() or Path(relative).is_absolute():
         raise ArtifactRefused(f"artifact path {relative!r} is absolute; it must be relative")
     if ".." in pure.parts:
         raise ArtifactRefused(f"artifact path {relative!r} leaves the run directory ('..')")
-    root = run_dir.resolve()
-    target = (root / pure).resolve()
+    root = _real(run_dir, "the run directory", relative)
+    target = _real(root / pure, f"artifact path {relative!r}", relative)
     if not target.is_relative_to(root):
         raise ArtifactRefused(
             f"artifact path {relative!r} is a symlink pointing outside the run directory"
         )
-    if not target.exists():
-        raise ArtifactRefused(f"artifact path {relative!r} does not exist")
-    if target.is_dir():
-        for dirpath, dirnames, filenames in os.walk(target, followlinks=False):
-            for name in [*dirnames, *filenames]:
-                entry = Path(dirpath) / name
-                if entry.is_symlink() and not entry.resolve().is_relative_to(root):
-                    inside = entry.relative_to(root).as_posix()
-                    raise ArtifactRefused(
-                        f"artifact folder {relative!r} holds {inside!r}, a symlink pointing"
-                        " outside the run directory"
-                    )
+    try:
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        raise ArtifactRefused(f"artifact path {relative!r} does not exist") from None
+    except OSError as exc:
+        raise ArtifactRefused(f"artifact path {relative!r}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
+        folder_files(root, target, relative)
+    elif not stat.S_ISREG(mode):
+        raise ArtifactRefused(
+            f"artifact path {relative!r} is {_kind(mode)}, not a regular file or folder"
+        )
     return target
+
+
+def _real(path: Path, what: str, relative: str) -> Path:
+    """``path`` with every symlink resolved; a loop or an unreadable link is refused."""
+    try:
+        return path.resolve()
+    except RuntimeError:  # Python < 3.13 reports a symlink loop this way
+        raise ArtifactRefused(f"{what} is a symlink loop") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ArtifactRefused(f"{what} is a symlink loop") from None
+        raise ArtifactRefused(f"{what} cannot be resolved: {exc.strerror or exc}") from None
+
+
+def folder_files(root: Path, folder: Path, relative: str) -> list[tuple[str, Path]]:
+    """Every file of an artifact folder as (path inside the folder, real path), sorted.
+
+    Symlinked sub-folders are followed (an upload follows them too), so each entry
+    is checked wherever it leads: outside the run directory, a loop back to a folder
+    above it, or anything but a regular file or folder refuses the whole folder.
+    """
+    files: list[tuple[str, Path]] = []
+    stack: list[tuple[Path, PurePosixPath, frozenset[Path]]] = [
+        (folder, PurePosixPath(), frozenset({folder}))
+    ]
+    while stack:
+        real_dir, rel_dir, above = stack.pop()
+        try:
+            with os.scandir(real_dir) as it:
+                names = sorted(entry.name for entry in it)
+        except OSError as exc:
+            shown = (PurePosixPath(relative) / rel_dir).as_posix()
+            raise ArtifactRefused(
+                f"artifact folder {shown!r} cannot be listed: {exc.strerror or exc}"
+            ) from None
+        for name in names:
+            inside = (PurePosixPath(relative) / rel_dir / name).as_posix()
+
+            def refuse(why: str, inside: str = inside) -> ArtifactRefused:
+                return ArtifactRefused(f"artifact folder {relative!r} holds {inside!r}, {why}")
+
+            entry = real_dir / name
+            try:
+                real = entry.resolve() if entry.is_symlink() else entry
+            except RuntimeError:  # Python < 3.13: a symlink loop
+                raise refuse("a symlink loop") from None
+            except OSError as exc:
+                why = "a symlink loop" if exc.errno == errno.ELOOP else str(exc.strerror or exc)
+                raise refuse(why) from None
+            if not real.is_relative_to(root):
+                raise refuse("a symlink pointing outside the run directory")
+            try:
+                mode = os.stat(real).st_mode
+            except FileNotFoundError:
+                raise refuse("a symlink to nothing") from None
+            except OSError as exc:
+                raise refuse(str(exc.strerror or exc)) from None
+            if stat.S_ISDIR(mode):
+                if real in above:
+                    raise refuse("a symlink loop (it leads back to a folder above it)")
+                stack.append((real, rel_dir / name, above | {real}))
+            elif stat.S_ISREG(mode):
+                files.append(((rel_dir / name).as_posix(), real))
+            else:
+                raise refuse(f"{_kind(mode)}, not a regular file")
+    return sorted(files)
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
 
 
 def content_digest(path: Path) -> str:
     """sha256 of a file, or of a folder's (relative path, file digest) list."""
-    if path.is_file():
+    if not path.is_dir():
         return _file_digest(path)
+    real = path.resolve()
+    return _listing_digest(folder_files(real, real, "."))
+
+
+def _listing_digest(files: list[tuple[str, Path]]) -> str:
     listing = hashlib.sha256()
-    for dirpath, _dirnames, filenames in sorted(os.walk(path)):
-        for name in sorted(filenames):
-            file = Path(dirpath) / name
-            rel = file.relative_to(path).as_posix()
-            listing.update(f"{rel}\0{_file_digest(file)}\n".encode())
+    for rel, file in files:
+        listing.update(f"{rel}\0{_file_digest(file)}\n".encode())
     return listing.hexdigest()
 
 
 def _file_digest(path: Path) -> str:
-    with path.open("rb") as fh:
+    # O_NONBLOCK: a file swapped for a FIFO after confine() must not hang the open.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as fh:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ArtifactRefused(f"{path.name!r} is {_kind(mode)}, not a regular file")
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
@@ -88,10 +179,15 @@ def resolve_artifact(run_dir: Path, path: str, artifact_path: str | None) -> Res
                 f"artifact_path {artifact_path!r} must be a folder inside the run's artifacts"
             )
     target = confine(run_dir, path)
+    is_dir = target.is_dir()
+    if is_dir:
+        digest = _listing_digest(folder_files(run_dir.resolve(), target, path))
+    else:
+        digest = _file_digest(target)
     return ResolvedArtifact(
         key=artifact_key(path, artifact_path),
         local_path=target,
         artifact_path=artifact_path,
-        is_dir=target.is_dir(),
-        digest=content_digest(target),
+        is_dir=is_dir,
+        digest=digest,
     )

@@ -15,9 +15,18 @@ one-line message and an exit code, never a traceback.
 
 from __future__ import annotations
 
+from syncd.redact import redact_text
+
 
 class SyncdError(Exception):
-    """Root of every error syncd raises on purpose."""
+    """Root of every error syncd raises on purpose; its message never holds a secret.
+
+    Messages end up in logs, the ledger, ``syncd status`` and summaries, and often
+    quote a URI (with its password) or a record's values: they are redacted here.
+    """
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(redact_text(a) if isinstance(a, str) else a for a in args))
 
 
 class ConfigError(SyncdError):
@@ -28,7 +37,7 @@ class RecordError(SyncdError):
     """A line of a run record that cannot be projected, with where and why."""
 
     def __init__(self, reason: str, *, path: str = "", line: int = 0, seq: int | None = None):
-        self.reason = reason
+        self.reason = redact_text(reason)  # a reason may quote a record's values
         self.path = path
         self.line = line
         self.seq = seq

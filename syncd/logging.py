@@ -21,6 +21,9 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
 
+from syncd.redact import redact_text
+
+__all__ = ["REDACTED", "configure", "redact", "redact_text"]
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -35,33 +38,7 @@ _SECRET_KEYS = re.compile(
     r"pass(word)?|secret|token|authorization|credential|api[_-]?key|session[_-]?key|signature",
     re.IGNORECASE,
 )
-# The password runs to the LAST '@' of the authority (passwords may hold '@' and '/').
-_URI_PASSWORD = re.compile(
-    r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*):(?P<pw>[^\s]+)@(?=[^@\s]*(?:[/?#\s]|$))"
-)
-# key=value secrets: libpq DSNs (password=, sslpassword=), query strings and config dumps
-# (api_key=, token=, client_secret=). Whole-word keys only: "max_tokens=512" stays.
-_KEY_VALUE_SECRET = re.compile(
-    r"(?i)\b((?:ssl)?password|passwd|pwd|secret|client_secret|secret_access_key"
-    r"|aws_secret_access_key|(?:access|auth|refresh|session|security|id)_token|token"
-    r"|api[_-]?key)(\s*[=:]\s*)(\"[^\"]*\"|'[^']*'|[^\s&;,]+)"
-)
-_AWS_KEY = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b")
-_BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=\-]+")
-_QUERY_SECRET = re.compile(
-    r"(?i)([?&](?:[\w.\-]*token|password|secret|signature|x-amz-signature|x-amz-credential"
-    r"|x-amz-security-token)=)[^&\s]+"
-)
 REDACTED = "***"
-
-
-def redact_text(text: str) -> str:
-    """Remove passwords in URIs, AWS access keys, bearer tokens and signed-URL secrets."""
-    text = _URI_PASSWORD.sub(r"\g<head>:***@", text)
-    text = _KEY_VALUE_SECRET.sub(r"\1\2***", text)
-    text = _AWS_KEY.sub(r"\1****************", text)
-    text = _BEARER.sub(r"\1 ***", text)
-    return _QUERY_SECRET.sub(r"\1***", text)
 
 
 def _redact_value(key: str, value: Any) -> Any:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,10 @@ EVENT_TYPES = frozenset(
 EXTENSION_PREFIX = "x-"
 FINAL_STATUSES = frozenset({"FINISHED", "FAILED", "KILLED"})
 NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+UTF8_BOM = b"\xef\xbb\xbf"
+MAX_INT64 = 2**63 - 1  # MLflow stores timestamps and steps as 64-bit integers
+MAX_SEQ = 2**31 - 1  # the ledger stores seq as a 32-bit integer on every database
 
 # record_id ends up in an MLflow search filter and in file names: keep it plain.
 RECORD_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
@@ -68,19 +73,14 @@ def parse_line(raw: bytes, *, line: int, path: str = "") -> Event:
     def fail(reason: str, seq: int | None = None) -> RecordError:
         return RecordError(reason, path=path, line=line, seq=seq)
 
-    try:
-        obj = _decode(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise fail(f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-    except json.JSONDecodeError as exc:
-        raise fail(f"invalid JSON: {exc.msg} at column {exc.colno}") from None
-    except ValueError as exc:  # e.g. an integer with more digits than Python converts
-        raise fail(f"invalid JSON: {exc}") from None
+    if line == 1 and raw.startswith(UTF8_BOM):
+        raw = raw[len(UTF8_BOM) :]  # RFC 8259 lets a parser ignore a byte order mark
+    obj = _decode_line(raw, fail)
     if not isinstance(obj, dict):
-        raise fail(f"a line must be a JSON object, got {type(obj).__name__}")
+        raise fail(f"a line must be a JSON object, got {_type_name(obj)}")
 
     seq: Any = obj.get("seq")
-    seq_or_none = seq if _is_int(seq) else None
+    seq_or_none = seq if _is_int(seq) and 0 <= seq <= MAX_SEQ else None
     version: Any = obj.get("v")
     if not _is_int(version):
         raise fail("field 'v' (format version) must be an integer", seq_or_none)
@@ -94,11 +94,11 @@ def parse_line(raw: bytes, *, line: int, path: str = "") -> Event:
         )
     if version < FORMAT_VERSION:
         raise fail(f"unsupported version {version}", seq_or_none)
-    if seq_or_none is None or seq_or_none < 0:
-        raise fail("field 'seq' must be a non-negative integer")
+    if seq_or_none is None:
+        raise fail(f"field 'seq' must be an integer from 0 to {MAX_SEQ}")
     ts: Any = obj.get("ts")
-    if not _is_int(ts) or ts < 0:
-        raise fail("field 'ts' must be a non-negative integer (milliseconds)", seq)
+    if not _is_int(ts) or not 0 <= ts <= MAX_INT64:
+        raise fail(f"field 'ts' must be an integer from 0 to {MAX_INT64} (milliseconds)", seq)
     etype = obj.get("type")
     if not isinstance(etype, str):
         raise fail("field 'type' must be a string", seq)
@@ -107,7 +107,7 @@ def parse_line(raw: bytes, *, line: int, path: str = "") -> Event:
         return Event(seq=seq, ts=ts, type=etype, line=line, fields=obj)
     validate = _VALIDATORS.get(etype)
     if validate is None:
-        raise fail(f"unknown event type {etype!r}", seq)
+        raise fail(f"unknown event type {_clip(repr(etype), 80)}", seq)
     problems: list[str] = []
     try:
         fields = validate(obj, problems)
@@ -124,8 +124,104 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f'bare {name} is not JSON; write it as the string "{name}"')
 
 
+class HugeInt:
+    """A JSON integer with more digits than Python converts: kept as text, never a number."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return f"<integer of {len(self.text)} digits>"
+
+
+def _parse_int(text: str) -> int | HugeInt:
+    try:
+        return int(text)
+    except ValueError:  # over sys.get_int_max_str_digits()
+        return HugeInt(text)
+
+
 # One decoder for every line (json.loads with options would build a new one per call).
 _decode = json.JSONDecoder(parse_constant=_refuse_constant).decode
+# Only for the rare line whose integers are too long to convert: they become HugeInt.
+_decode_huge = json.JSONDecoder(parse_constant=_refuse_constant, parse_int=_parse_int).decode
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _decode_line(raw: bytes, fail: Callable[[str], RecordError]) -> Any:
+    """The JSON value of a line; every way decoding can fail becomes a RecordError."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise fail(f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    try:
+        try:
+            obj = _decode(text)
+        except ValueError as exc:
+            if "integer string conversion" not in str(exc):
+                raise
+            obj = _decode_huge(text)
+    except json.JSONDecodeError as exc:
+        raise fail(f"invalid JSON: {exc.msg} at column {exc.colno}") from None
+    except RecursionError:
+        raise fail("invalid JSON: nested too deeply") from None
+    except MemoryError:
+        raise fail(f"invalid JSON: too large to decode ({len(raw)} bytes)") from None
+    except (ValueError, OverflowError, TypeError) as exc:
+        raise fail(f"invalid JSON: {_clip(str(exc))}") from None
+    if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(obj):
+        raise fail("invalid JSON: a \\u escape is an unpaired UTF-16 surrogate, not a character")
+    return obj
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _type_name(value: object) -> str:
+    if isinstance(value, HugeInt):
+        return repr(value)
+    if isinstance(value, bool):
+        return "bool"
+    return _TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+_TYPE_NAMES: dict[type, str] = {
+    dict: "object",
+    list: "array",
+    str: "string",
+    int: "integer",
+    float: "number",
+    type(None): "null",
+}
+
+
+def _show(value: object) -> str:
+    """A value as a reason may quote it: short, whatever the value."""
+    if isinstance(value, HugeInt):
+        return repr(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return "a number out of the range of a 64-bit float"
+    return _clip(repr(value), 80)
 
 
 def _is_int(value: object) -> bool:
@@ -139,7 +235,7 @@ def _str_field(obj: dict[str, Any], name: str, *, required: bool) -> str | None:
             raise _FieldError(f"field {name!r} is required")
         return None
     if not isinstance(value, str):
-        raise _FieldError(f"field {name!r} must be a string, got {type(value).__name__}")
+        raise _FieldError(f"field {name!r} must be a string, got {_type_name(value)}")
     return value
 
 
@@ -150,7 +246,7 @@ def _mapping_field(obj: dict[str, Any], name: str, *, required: bool) -> dict[st
             raise _FieldError(f"field {name!r} is required")
         return {}
     if not isinstance(value, dict):
-        raise _FieldError(f"field {name!r} must be an object, got {type(value).__name__}")
+        raise _FieldError(f"field {name!r} must be an object, got {_type_name(value)}")
     return value
 
 
@@ -160,7 +256,9 @@ def _string_tags(raw: dict[str, Any], problems: list[str]) -> dict[str, str]:
         if isinstance(value, str):
             tags[key] = value
         else:
-            problems.append(f"tag {key!r}: value must be a string, got {type(value).__name__}")
+            problems.append(
+                f"tag {_clip(key, 80)!r}: value must be a string, got {_type_name(value)}"
+            )
     return tags
 
 
@@ -171,14 +269,18 @@ def _validate_run_started(obj: dict[str, Any], problems: list[str]) -> dict[str,
     assert record_id is not None
     if not RECORD_ID_PATTERN.match(record_id):
         raise _FieldError(
-            f"record_id {record_id!r} must be 1-128 letters, digits, '_', '.', ':' or '-'"
+            f"record_id {_clip(record_id, 80)!r} must be 1-128 letters, digits,"
+            " '_', '.', ':' or '-'"
         )
     experiment = _str_field(obj, "experiment", required=False)
     if experiment is not None and not experiment.strip():
         raise _FieldError("field 'experiment' must not be empty")
     parent = _str_field(obj, "parent_record_id", required=False)
     if parent is not None and not RECORD_ID_PATTERN.match(parent):
-        raise _FieldError(f"parent_record_id {parent!r} is not a valid record_id")
+        raise _FieldError(f"parent_record_id {_clip(parent, 80)!r} is not a valid record_id")
+    if parent == record_id:
+        problems.append("parent_record_id names the record itself; the run is not nested")
+        parent = None
     return {
         "record_id": record_id,
         "experiment": experiment,
@@ -192,6 +294,8 @@ def _validate_run_started(obj: dict[str, Any], problems: list[str]) -> dict[str,
 def _param_value(value: object) -> str | None:
     if isinstance(value, str):
         return value
+    if isinstance(value, HugeInt):  # a number all the same: params are stored as text
+        return value.text
     if isinstance(value, bool):
         return str(value)
     if isinstance(value, int):
@@ -207,7 +311,8 @@ def _validate_params(obj: dict[str, Any], problems: list[str]) -> dict[str, Any]
         text = _param_value(value)
         if text is None:
             problems.append(
-                f"param {key!r}: value must be a string, number or bool, got {type(value).__name__}"
+                f"param {_clip(key, 80)!r}: value must be a string, number or bool,"
+                f" got {_show(value) if isinstance(value, float) else _type_name(value)}"
             )
         else:
             params[key] = text
@@ -219,9 +324,11 @@ def _metric_value(value: object) -> float | None:
         return None
     if isinstance(value, int | float):
         try:
-            return float(value)
+            number = float(value)
         except OverflowError:
             return None
+        # JSON has no infinity: an infinite float came from a literal like 1e400.
+        return number if math.isfinite(number) else None
     if isinstance(value, str):
         return NON_FINITE.get(value)
     return None
@@ -229,15 +336,15 @@ def _metric_value(value: object) -> float | None:
 
 def _validate_metrics(obj: dict[str, Any], problems: list[str]) -> dict[str, Any]:
     step = obj.get("step", 0)
-    if not _is_int(step):
-        raise _FieldError("field 'step' must be an integer")
+    if not _is_int(step) or not -MAX_INT64 - 1 <= step <= MAX_INT64:
+        raise _FieldError("field 'step' must be a 64-bit integer")
     metrics: dict[str, float] = {}
     for key, value in _mapping_field(obj, "metrics", required=True).items():
         number = _metric_value(value)
         if number is None:
             problems.append(
-                f"metric {key!r}: value must be a number or 'NaN', 'Infinity', '-Infinity',"
-                f" got {value!r}"
+                f"metric {_clip(key, 80)!r}: value must be a number or 'NaN', 'Infinity',"
+                f" '-Infinity', got {_show(value)}"
             )
         else:
             metrics[key] = number
@@ -272,7 +379,9 @@ def _validate_run_resumed(obj: dict[str, Any], problems: list[str]) -> dict[str,
 def _validate_run_finished(obj: dict[str, Any], problems: list[str]) -> dict[str, Any]:
     status = _str_field(obj, "status", required=True)
     if status not in FINAL_STATUSES:
-        raise _FieldError(f"status must be one of FINISHED, FAILED, KILLED, got {status!r}")
+        raise _FieldError(
+            f"status must be one of FINISHED, FAILED, KILLED, got {_clip(repr(status), 80)}"
+        )
     return {"status": status}
 
 

@@ -143,7 +143,7 @@ def parse_lines(
                 raise RecordError(
                     f"line longer than {MAX_LINE_BYTES} bytes", path=path, line=number
                 )
-            event = parse_line(raw, line=number, path=path)
+            event = _parse_line_contained(raw, number, path)
             _check_sequence(event, out.last_seq, skipped, path)
         except UnsupportedVersion as exc:
             out.held_back = exc
@@ -170,6 +170,20 @@ def parse_lines(
         out.bytes_consumed = offset - lines.start
         out.skipped = skipped
     return out
+
+
+def _parse_line_contained(raw: bytes, number: int, path: str) -> Event:
+    """parse_line, with anything it did not foresee reported as a bad line, never raised."""
+    try:
+        return parse_line(raw, line=number, path=path)
+    except RecordError:
+        raise
+    except Exception as exc:  # RecursionError, MemoryError and anything unforeseen
+        raise RecordError(
+            f"line could not be read: {type(exc).__name__}: {str(exc)[:200]}",
+            path=path,
+            line=number,
+        ) from None
 
 
 class _RepeatedSeq(RecordError):

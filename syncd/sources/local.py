@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -36,12 +38,21 @@ class LocalRecord:
         return self.path.parent
 
     def stat(self) -> tuple[int, int]:
+        """Size and mtime; an OSError naming the reason when this is not a readable file."""
         st = os.stat(self.path)
+        _require_regular(self.path, st.st_mode)
         return st.st_size, st.st_mtime_ns
 
     def read_at(self, offset: int, length: int) -> bytes:
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: a FIFO put in the record's place must not hang the open.
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            try:
+                _require_regular(self.path, os.fstat(fd).st_mode)
+            except OSError:
+                os.close(fd)
+                raise
+            self._fd = fd
         return os.pread(self._fd, length, offset)
 
     def close(self) -> None:
@@ -53,11 +64,28 @@ class LocalRecord:
         return resolve_artifact(self.run_dir, path, artifact_path)
 
 
+def _require_regular(path: Path, mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else _KINDS.get(stat.S_IFMT(mode), "special")
+        raise OSError(errno.EINVAL, f"not a regular file ({kind})", str(path))
+
+
+_KINDS = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
 def find_records(root: Path, pattern: str = DEFAULT_PATTERN) -> Iterator[Path]:
     """Record files under ``root``, in a stable order.
 
     ``**/<name glob>`` (the common case) walks the tree once matching file names,
-    which is much cheaper than a general glob on big trees.
+    which is much cheaper than a general glob on big trees. Symlinked folders are
+    not followed (a loop cannot hang discovery) and a folder whose name matches is
+    not a record. Any other matching name is, even when it cannot be read (a FIFO,
+    a dangling or looping symlink, no permission): reading it reports why.
     """
     root = root.absolute()
     if root.is_file():
@@ -65,6 +93,7 @@ def find_records(root: Path, pattern: str = DEFAULT_PATTERN) -> Iterator[Path]:
         return
     head, sep, name_glob = pattern.rpartition("/")
     if head == "**" and sep and not any(ch in name_glob for ch in "/"):
+        # os.walk sorts a symlink to a folder into dirnames and does not descend it.
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames.sort()
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
@@ -72,7 +101,15 @@ def find_records(root: Path, pattern: str = DEFAULT_PATTERN) -> Iterator[Path]:
                 if fnmatch.fnmatchcase(name, name_glob):
                     yield Path(dirpath) / name
         return
-    yield from sorted(p for p in root.glob(pattern) if p.is_file())
+    # Path.glob does not descend symlinked folders in "**" either.
+    yield from sorted(p for p in root.glob(pattern) if not _is_folder(p))
+
+
+def _is_folder(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
 
 
 def path_from_uri(uri: str) -> Path:

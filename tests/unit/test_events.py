@@ -355,6 +355,100 @@ def test_metric_integer_too_large_for_a_float_drops_that_entry() -> None:
     assert len(event.problems) == 1
 
 
-def test_integer_with_more_than_4300_digits_is_a_record_error() -> None:
+def test_param_integer_with_more_than_4300_digits_is_kept_as_its_text() -> None:
+    # Python refuses to convert it, but it is a JSON number and params are stored as text.
     data = b'{"v":1,"seq":1,"ts":1,"type":"params","params":{"n":' + b"1" * 5000 + b"}}"
-    parse_error(data)
+    event = parse(data)
+    assert event.fields["params"] == {"n": "1" * 5000}
+    assert event.problems == []
+
+
+def test_metric_integer_with_more_than_4300_digits_drops_that_entry() -> None:
+    data = b'{"v":1,"seq":1,"ts":1,"type":"metrics","metrics":{"ok":1,"n":' + b"1" * 5000 + b"}}"
+    event = parse(data)
+    assert event.fields["metrics"] == {"ok": 1.0}
+    assert event.problems == [
+        "metric 'n': value must be a number or 'NaN', 'Infinity',"
+        " '-Infinity', got <integer of 5000 digits>"
+    ]
+
+
+@pytest.mark.parametrize("field", ["seq", "ts"])
+def test_seq_or_ts_with_more_than_4300_digits_is_a_record_error(field: str) -> None:
+    obj = {"v": 1, "seq": 1, "ts": 1, "type": "tags", "tags": {}}
+    data = json.dumps(obj).replace(f'"{field}": 1', f'"{field}": ' + "7" * 5000).encode()
+    err = parse_error(data)
+    assert f"field '{field}' must be an integer" in err.reason and len(err.reason) < 200
+    assert err.seq is None or err.seq == 1
+
+
+def test_float_literal_out_of_range_is_not_infinity() -> None:
+    data = b'{"v":1,"seq":1,"ts":1,"type":"metrics","metrics":{"ok":2.5,"big":1e400,"neg":-1e400}}'
+    event = parse(data)
+    assert event.fields["metrics"] == {"ok": 2.5}
+    assert len(event.problems) == 2
+    assert all("out of the range of a 64-bit float" in p for p in event.problems)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("ts", 2**63), ("seq", 2**31), ("ts", -1), ("seq", -1)],
+)
+def test_seq_and_ts_beyond_what_the_stores_hold_are_record_errors(field: str, value: int) -> None:
+    obj = {"v": 1, "seq": 1, "ts": 1, "type": "tags", "tags": {}, field: value}
+    err = parse_error(json.dumps(obj).encode())
+    assert f"field '{field}'" in err.reason
+    assert err.seq in (None, 1)
+
+
+@pytest.mark.parametrize("step", [2**63, -(2**63) - 1, 10**30])
+def test_step_beyond_64_bits_is_a_record_error(step: int) -> None:
+    obj = {"v": 1, "seq": 1, "ts": 1, "type": "metrics", "metrics": {"a": 1}, "step": step}
+    assert "step" in parse_error(json.dumps(obj).encode()).reason
+
+
+def test_step_at_the_64_bit_limits_is_fine() -> None:
+    for step in (2**63 - 1, -(2**63)):
+        obj = {"v": 1, "seq": 1, "ts": 1, "type": "metrics", "metrics": {"a": 1}, "step": step}
+        assert parse(json.dumps(obj).encode()).fields["step"] == step
+
+
+@pytest.mark.parametrize("depth", [1_000, 100_000])
+def test_deeply_nested_json_is_a_record_error(depth: int) -> None:
+    err = parse_error(b"[" * depth + b"]" * depth)
+    assert "nested too deeply" in err.reason or "must be a JSON object" in err.reason
+    err = parse_error(b"[" * depth)
+    assert "invalid JSON" in err.reason
+
+
+def test_byte_order_mark_on_the_first_line_is_ignored() -> None:
+    data = (
+        b"\xef\xbb\xbf"
+        + json.dumps(
+            {"v": 1, "seq": 0, "ts": 1, "type": "run_started", "record_id": "r", "experiment": "e"}
+        ).encode()
+    )
+    assert parse_line(data, line=1).fields["record_id"] == "r"
+    assert "invalid JSON" in parse_error(data, line=2).reason
+
+
+def test_unpaired_surrogate_escape_is_a_record_error() -> None:
+    err = parse_error(b'{"v":1,"seq":1,"ts":1,"type":"tags","tags":{"k":"a\\ud800b"}}')
+    assert "surrogate" in err.reason
+    event = parse(b'{"v":1,"seq":1,"ts":1,"type":"tags","tags":{"k":"\\ud83d\\ude00"}}')
+    assert event.fields["tags"] == {"k": "\U0001f600"}
+
+
+def test_parent_record_id_naming_the_record_itself_is_dropped() -> None:
+    obj = {
+        "v": 1,
+        "seq": 0,
+        "ts": 1,
+        "type": "run_started",
+        "record_id": "r",
+        "experiment": "e",
+        "parent_record_id": "r",
+    }
+    event = parse(json.dumps(obj).encode())
+    assert event.fields["parent_record_id"] is None
+    assert event.problems and "itself" in event.problems[0]

@@ -719,8 +719,8 @@ class LedgerView:
                 engine = _sqlite_read_only(path)
             else:
                 engine = sa.create_engine(url, pool_pre_ping=True)
-            if not sa.inspect(engine).has_table(ledger_records.name):
-                engine.dispose()
+            if not sa.inspect(engine).has_table(ledger_records.name) or not _has_sink(engine, sink):
+                engine.dispose()  # no ledger for this sink: nothing says what was synced
                 return None
         except (sa.exc.SQLAlchemyError, sqlite3.Error) as exc:
             raise LedgerError(f"cannot read the ledger at {redact_text(url)}: {exc}") from exc
@@ -768,6 +768,14 @@ class LedgerView:
             self._conn.close()
             self._conn = None
         self.engine.dispose()
+
+
+def _has_sink(engine: sa.Engine, sink: str) -> bool:
+    t = ledger_records
+    with engine.connect() as conn:
+        return (
+            conn.execute(sa.select(t.c.sink).where(t.c.sink == sink).limit(1)).first() is not None
+        )
 
 
 def _sqlite_read_only(path: Path) -> sa.Engine:
@@ -861,9 +869,7 @@ def check_roots(roots: Iterable[Root]) -> list[Root]:
     return checked
 
 
-def verify_records(
-    settings: Settings, totals: VerifyTotals | None = None
-) -> tuple[VerifyTotals, Iterator[RecordResult]]:
+def verify_records(settings: Settings) -> tuple[VerifyTotals, Iterator[RecordResult]]:
     """Check the roots and open MLflow and the ledger, then verify record by record.
 
     Usage errors (a missing root, no store) raise here, before any result; the
@@ -875,9 +881,7 @@ def verify_records(
     sink = sink_key(settings.tracking_uri)
     view = MlflowView(settings.tracking_uri)
     ledger = LedgerView.open(settings, sink)
-    totals = totals or VerifyTotals(
-        tracking_uri=sink, ledger=redact_text(ledger.url) if ledger else None
-    )
+    totals = VerifyTotals(tracking_uri=sink, ledger=redact_text(ledger.url) if ledger else None)
     return totals, _results(roots, view, ledger, totals)
 
 
@@ -914,7 +918,10 @@ def verify_one(
                 record, default_experiment=default_experiment, run_dir=record.run_dir
             )
         except FileNotFoundError:
-            return RecordResult(record.display, None, None, [])
+            return RecordResult(record.display, None, None, [])  # gone since it was found
+        except OSError as exc:
+            unreadable = Difference("unreadable", "record file", "readable", str(exc))
+            return RecordResult(record.display, None, None, [unreadable])
         if ledger is not None:
             row = ledger.record(record.uri)
             reason = None

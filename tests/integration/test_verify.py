@@ -289,3 +289,19 @@ def test_secrets_in_uris_are_never_printed(workdir: Path, tracking_uri: str, cli
         code, out, err = invoke("verify", "runs", "--tracking-uri", tracking_uri, *extra)
         assert code == 1
         assert "hunter2" not in out + err and "syncd:***@db.internal" in out
+
+
+def test_a_ledger_of_another_store_claims_nothing(
+    workdir: Path, tracking_uri: str, mlflow_template: Path
+) -> None:
+    path = write_record(workdir / "runs" / "o", [started("other-1")])
+    run_backfill(workdir / "runs", tracking_uri, workdir / ".syncd")
+    other = workdir / "other.db"
+    shutil.copy(mlflow_template, other)
+    code, out, _ = invoke("verify", "runs", "--tracking-uri", f"sqlite:///{other}", "--json")
+    assert code == 1
+    doc = json.loads(out)
+    assert doc["ledger"] is None
+    [result] = doc["results"]
+    assert result["file"] == str(path)
+    assert [d["kind"] for d in result["differences"]] == ["run_missing"]

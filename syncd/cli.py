@@ -484,6 +484,57 @@ def resync(
 
 
 @app.command()
+def verify(
+    roots: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Folders holding the run records (default: the config's roots).",
+            show_default=False,
+        ),
+    ] = None,
+    config: ConfigOpt = None,
+    tracking_uri: TrackingOpt = None,
+    state_dir: StateOpt = None,
+    json_out: JsonOpt = False,
+    log_format: LogFormatOpt = None,
+    log_level: LogLevelOpt = None,
+) -> None:
+    """Compare every record under ROOT... with its MLflow run; print the differences.
+
+    Reads only: writes neither MLflow nor the ledger. Exit 0 when the mirror is
+    complete, 1 on any difference.
+    """
+    from syncd.verify import verify_records
+
+    with _user_errors():
+        settings = _settings(
+            config,
+            _overrides(
+                roots=roots,
+                tracking_uri=tracking_uri,
+                state_dir=state_dir,
+                log_format=log_format,
+                log_level=log_level,
+            ),
+        )
+        totals, results = verify_records(settings)
+        differing: list[dict[str, Any]] = []
+        for result in results:
+            if not result.differences:
+                continue
+            if json_out:
+                differing.append(result.as_dict())
+            else:
+                typer.echo("\n".join(d.text(result.file) for d in result.differences))
+        if json_out:
+            typer.echo(json.dumps({**totals.as_dict(), "results": differing}, indent=2))
+        else:
+            typer.echo(totals.line())
+        if not totals.ok:
+            raise typer.Exit(EXIT_RECORD_ERRORS)
+
+
+@app.command()
 def run(
     roots: Annotated[
         list[str] | None,

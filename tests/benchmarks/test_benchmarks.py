@@ -452,3 +452,36 @@ def test_unchanged_rerun_skips_unread(
 
     assert opened in (None, 0), f"{opened} record files were opened by the re-run"
     assert median <= 2.0, f"a re-run takes {median:.2f} s (median of 3; target <= 2 s)"
+
+
+# -- 6. verify over the 10,000 small records ---------------------------------------------
+
+
+@pytest.mark.benchmark
+def test_verify_small_records(
+    report: Report, small_backfill: SmallBackfill, bench_env: dict[str, str]
+) -> None:
+    """`syncd verify` over the 10,000 backfilled records: every record clean, <= 300 MB."""
+    bench = "6 verify"
+    sb = small_backfill
+    assert sb.first.returncode == 0, sb.first.stderr[-3000:]
+    args = [SYNCD, "verify", str(sb.root), "--tracking-uri", f"sqlite:///{sb.db}",
+            "--state-dir", str(sb.folder / "state"), "--json"]  # fmt: skip
+    before = (sb.db.stat().st_mtime_ns, (sb.folder / "state" / "ledger.db").stat().st_mtime_ns)
+    print(f"\n  [{bench}] verifying {sb.records:,} records ...")
+    done = run_with_peak_rss(args, cwd=sb.folder, env=bench_env)
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+    doc = parse_json_summary(done.stdout)
+    rss = done.peak_rss_mb
+    assert rss is not None
+    report.add(bench, "records verified / clean", f"{doc['records']:,} / {doc['clean']:,}", "",
+               f"{sb.records:,} / {sb.records:,}",
+               doc["records"] == doc["clean"] == sb.records)  # fmt: skip
+    report.add(bench, "wall (whole process)", done.wall_s, "s")
+    report.add(bench, "in-process duration", float(doc["duration_s"]), "s")
+    report.add(bench, "records/s", sb.records / done.wall_s, "records/s")
+    report.add(bench, "peak RSS of syncd verify", rss, "MB", "<= 300 MB", rss <= 300)
+    after = (sb.db.stat().st_mtime_ns, (sb.folder / "state" / "ledger.db").stat().st_mtime_ns)
+    assert after == before, "verify modified the MLflow store or the ledger"
+    assert doc["records"] == doc["clean"] == sb.records, doc
+    assert rss <= 300, f"syncd verify peaked at {rss:.0f} MB RSS (target <= 300 MB)"

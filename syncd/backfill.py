@@ -119,7 +119,10 @@ def open_ledger(settings: Settings, *, read_only: bool = False) -> Ledger | None
         if read_only and not path.exists():
             return None
         try:
-            settings.state_dir.mkdir(parents=True, exist_ok=True)
+            created = not settings.state_dir.exists()
+            settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if created:  # mkdir's mode is filtered by the umask
+                settings.state_dir.chmod(0o700)
         except OSError as exc:
             raise ConfigError(f"state_dir {settings.state_dir}: {exc.strerror}") from exc
     return Ledger(url, sink_key(settings.tracking_uri))

@@ -442,6 +442,11 @@ class Daemon:
                     st = path.stat()
                 except FileNotFoundError:
                     continue
+                except OSError:  # a symlink loop, a permission: the engine reports it
+                    if row is None or row.state not in ("failed", "blocked"):
+                        self.backlog.add(path)
+                        queued += 1
+                    continue
                 if row is None or (row.size, row.mtime_ns) != (st.st_size, st.st_mtime_ns):
                     self.backlog.add(path)
                     queued += 1

@@ -5,6 +5,13 @@ would leave it (``..``, an absolute path, a symlink pointing outside, also
 inside a folder) is refused: a record must never make syncd upload
 ``/etc/shadow``. The digest of the content lets a replay skip an upload that
 already happened.
+
+Checking a path and then uploading it is a race: a symlink or a hard link to
+an outside file could be put in its place in between. So the upload never
+reads the checked path again by name: :func:`staged` re-checks, opens each
+file with ``O_NOFOLLOW``, refuses hard links that lead outside the run
+directory, and copies exactly the opened bytes into a private staging folder,
+which is what MLflow uploads.
 """
 
 from __future__ import annotations
@@ -12,9 +19,14 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import shutil
 import stat
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 
 class ArtifactRefused(ValueError):
@@ -30,6 +42,10 @@ class ResolvedArtifact:
     artifact_path: str | None
     is_dir: bool
     digest: str
+    root: Path | None = None  # the run directory's real path (for staging)
+    relative: str = ""  # the path as the record names it
+    line: int = 0  # the artifact event's line and seq, for reports
+    seq: int | None = None
 
 
 def artifact_key(path: str, artifact_path: str | None) -> str:
@@ -171,6 +187,118 @@ def _file_digest(path: Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
+# -- staging: upload exactly the bytes that were checked ------------------------------
+
+STAGE_PREFIX = "syncd-stage-"
+_CHUNK = 1024 * 1024
+
+
+def _open_checked(root: Path, real: Path, shown: str) -> int:
+    """Open ``real`` (inside ``root``) without following a symlink swapped in since the
+    check; refuse anything but a regular file, and hard links that lead outside."""
+    if not real.is_relative_to(root):
+        raise ArtifactRefused(f"artifact path {shown!r} now points outside the run directory")
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ArtifactRefused(
+                f"artifact path {shown!r} became a symlink after it was checked"
+            ) from None
+        raise ArtifactRefused(f"artifact path {shown!r}: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ArtifactRefused(f"artifact path {shown!r} is {_kind(st.st_mode)}")
+        if st.st_nlink > 1 and _links_inside(root, st) < st.st_nlink:
+            raise ArtifactRefused(
+                f"artifact path {shown!r} is a hard link to a file outside the run directory"
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _links_inside(root: Path, st: os.stat_result) -> int:
+    """How many names of the file (device, inode) live under ``root``."""
+    count = 0
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            try:
+                other = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+                count += 1
+    return count
+
+
+def _copy_fd(fd: int, dest: Path, digest: Any) -> None:
+    with os.fdopen(fd, "rb") as src, dest.open("xb") as out:
+        while chunk := src.read(_CHUNK):
+            digest.update(chunk)
+            out.write(chunk)
+
+
+@contextmanager
+def staged(upload: ResolvedArtifact, area: Path | None = None) -> Iterator[tuple[Path, str]]:
+    """A private copy of the artifact, made from files opened after a fresh check.
+
+    Yields (path to upload, digest of exactly those bytes). The copy keeps the
+    file or folder name MLflow uses, and is removed afterwards, also on errors.
+    """
+    root = upload.root or upload.local_path.parent
+    shown = upload.relative or upload.local_path.name
+    stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-", dir=area))
+    try:
+        if upload.is_dir:
+            target = confine(root, upload.relative) if upload.relative else upload.local_path
+            dest_root = stage / target.name
+            dest_root.mkdir()
+            listing = hashlib.sha256()
+            for rel, real in folder_files(root, target, shown):
+                fd = _open_checked(root, real, f"{shown}/{rel}")
+                dest = dest_root / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                file_digest = hashlib.sha256()
+                _copy_fd(fd, dest, file_digest)
+                listing.update(f"{rel}\0{file_digest.hexdigest()}\n".encode())
+            yield dest_root, listing.hexdigest()
+        else:
+            real = confine(root, upload.relative) if upload.relative else upload.local_path
+            fd = _open_checked(root, real, shown)
+            dest = stage / real.name
+            digest = hashlib.sha256()
+            _copy_fd(fd, dest, digest)
+            yield dest, digest.hexdigest()
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def clean_stale_stages(area: Path | None = None) -> int:
+    """Remove staging folders left by processes that died (a SIGKILL mid-upload)."""
+    base = Path(area or tempfile.gettempdir())
+    removed = 0
+    for folder in base.glob(f"{STAGE_PREFIX}*"):
+        pid = folder.name[len(STAGE_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def resolve_artifact(run_dir: Path, path: str, artifact_path: str | None) -> ResolvedArtifact:
     if artifact_path is not None:
         dest = PurePosixPath(artifact_path)
@@ -190,4 +318,6 @@ def resolve_artifact(run_dir: Path, path: str, artifact_path: str | None) -> Res
         artifact_path=artifact_path,
         is_dir=is_dir,
         digest=digest,
+        root=run_dir.resolve(),
+        relative=path,
     )

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from syncd.artifacts import clean_stale_stages
 from syncd.config import Root, Settings
 from syncd.engine import Engine, Outcome
 from syncd.errors import ConfigError
@@ -176,6 +177,7 @@ def backfill(
     started = time.perf_counter()
     summary = Summary(tracking_uri=sink_key(settings.tracking_uri))
     files = list(iter_record_files(settings.roots))
+    clean_stale_stages()
     if resync and not dry_run:
         forget_records(settings, [path for _root, path in files])
     ledger = open_ledger(settings, read_only=dry_run)

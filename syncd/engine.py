@@ -9,6 +9,7 @@ idempotent), it never loses them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 import time
 from collections.abc import Callable
@@ -51,6 +52,8 @@ from syncd.record.reader import (
     parse_lines,
     read_complete_lines,
     replaced_reason,
+    tail_at,
+    tail_of,
 )
 from syncd.sink import ApplyResult, Bounded, unbounded
 from syncd.sources import RecordFile
@@ -203,7 +206,22 @@ class Engine:
                 skipped=row.skipped,
             )
             settled = lines.reached_end or parsed.held_back is not None
-            self._step(record, row, parsed, (size, mtime_ns) if settled else None, outcome)
+            parsed_tail: str | None = row.tail
+            if parsed.lines_consumed:
+                last = lines.lines[parsed.lines_consumed - 1]
+                parsed_tail = (
+                    tail_of(last)
+                    if last is not None
+                    else tail_at(record.read_at, row.offset + parsed.bytes_consumed)
+                )
+            self._step(
+                record,
+                row,
+                parsed,
+                (size, mtime_ns) if settled else None,
+                outcome,
+                tail=parsed_tail,
+            )
             self.on_step()
             if parsed.held_back is not None or parsed.lines_consumed == 0:
                 break
@@ -287,6 +305,8 @@ class Engine:
         parsed: ParsedLines,
         settled_stat: tuple[int, int] | None,
         outcome: Outcome,
+        *,
+        tail: str | None = None,
     ) -> None:
         """Apply one run of parsed lines and commit; raises when the sink did not ack."""
         plan = plan_writes(
@@ -364,6 +384,7 @@ class Engine:
             outcome.artifacts += len(result.uploaded)
 
         row.offset += parsed.bytes_consumed
+        row.tail = tail
         row.line += parsed.lines_consumed
         row.seq = parsed.last_seq
         row.skipped = parsed.skipped
@@ -437,8 +458,8 @@ class Engine:
                     RecordError(str(exc), path=record.display, line=item.line, seq=item.seq)
                 )
                 continue
-            if done.get(resolved.key) != resolved.digest:
-                uploads[resolved.key] = resolved  # the last event for a path wins
+            if done.get(resolved.key) != resolved.digest:  # the last event for a path wins
+                uploads[resolved.key] = dataclasses.replace(resolved, line=item.line, seq=item.seq)
         return list(uploads.values())
 
     def _link_children(self, parent: RunRow) -> None:
@@ -488,4 +509,6 @@ def _describe(exc: BaseException) -> str:
 
 
 def _checkpoint(row: RecordRow) -> Checkpoint:
-    return Checkpoint(offset=row.offset, line=row.line, seq=row.seq, fingerprint=row.fingerprint)
+    return Checkpoint(
+        offset=row.offset, line=row.line, seq=row.seq, fingerprint=row.fingerprint, tail=row.tail
+    )

@@ -73,6 +73,7 @@ records = sa.Table(
     sa.Column("attempts", sa.Integer, nullable=False, default=0, server_default="0"),
     sa.Column("next_attempt_at", sa.Float),
     sa.Column("version", sa.Integer, nullable=False, default=0, server_default="0"),
+    sa.Column("tail", sa.String(80)),  # continuity mark of the last consumed line
 )
 
 runs = sa.Table(
@@ -161,6 +162,7 @@ class RecordRow:
     attempts: int = 0  # failed tries since the last acknowledged step
     next_attempt_at: float | None = None  # epoch seconds; None: no retry scheduled
     version: int = 0  # the row's version in the ledger (0: no row yet); compare-and-set
+    tail: str | None = None  # continuity mark of the last consumed line
 
 
 @dataclass(slots=True)
@@ -209,6 +211,7 @@ _ADDED_COLUMNS: dict[str, dict[str, str]] = {
         "next_attempt_at": "FLOAT",
         # rows written before versions existed are version 1, as if inserted now
         "version": "INTEGER NOT NULL DEFAULT 1",
+        "tail": "VARCHAR(80)",
     }
 }
 
@@ -690,6 +693,7 @@ def _record_row(row: Any) -> RecordRow:
         attempts=row.attempts or 0,
         next_attempt_at=row.next_attempt_at,
         version=row.version or 0,
+        tail=row.tail,
     )
 
 
@@ -722,6 +726,7 @@ def _record_values(sink: str, rec: RecordRow, now: float) -> dict[str, Any]:
         "updated_at": now,
         "attempts": rec.attempts,
         "next_attempt_at": rec.next_attempt_at,
+        "tail": rec.tail,
     }
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import structlog
 
+from syncd.artifacts import clean_stale_stages
 from syncd.backfill import iter_record_files, open_ledger, root_experiments, sink_key
 from syncd.config import Settings, load_config
 from syncd.engine import Engine, Outcome
@@ -141,6 +142,7 @@ class Daemon:
             self.supervisor.start()
             stack.callback(self.supervisor.stop)
             self._use(*self._open(self.settings))
+            clean_stale_stages()
             stack.callback(self._close_ledger)
             endpoint = self.settings.health_endpoint
             if endpoint is not None:

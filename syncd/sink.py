@@ -18,7 +18,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import structlog
 
-from syncd.artifacts import ResolvedArtifact
+from syncd.artifacts import ArtifactRefused, ResolvedArtifact, staged
 from syncd.errors import PermanentSinkError, RecordError, SinkError, TransientSinkError
 from syncd.projection import (
     MAX_PARAMS_TAGS_PER_BATCH,
@@ -590,25 +590,21 @@ class MlflowSink:
             self.call_deadline + _size_of(upload.local_path) / MIN_UPLOAD_BYTES_PER_S,
         )
         try:
-            if upload.is_dir:
-                self._call(
-                    "log_artifacts",
-                    self.client.log_artifacts,
-                    run_id,
-                    str(upload.local_path),
-                    upload.artifact_path,
+            with ExitStack() as stack:
+                try:  # exactly the bytes checked now, whatever happens to the path later
+                    local, digest = stack.enter_context(staged(upload))
+                except ArtifactRefused as exc:
+                    result.problems.append(RecordError(str(exc), line=upload.line, seq=upload.seq))
+                    return
+                call, fn = (
+                    ("log_artifacts", self.client.log_artifacts)
+                    if upload.is_dir
+                    else ("log_artifact", self.client.log_artifact)
                 )
-            else:
-                self._call(
-                    "log_artifact",
-                    self.client.log_artifact,
-                    run_id,
-                    str(upload.local_path),
-                    upload.artifact_path,
-                )
+                self._call(call, fn, run_id, str(local), upload.artifact_path)
         finally:
             self.call_deadline = saved
-        result.uploaded[upload.key] = upload.digest
+        result.uploaded[upload.key] = digest
 
     def _log_datasets(self, run_id: str, plan: WritePlan) -> None:
         import json

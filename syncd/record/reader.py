@@ -4,7 +4,8 @@ A record is read through ``read_at(offset, length) -> bytes``, so the same code
 serves a local file and an object store's ranged GET. A line without its
 newline is still being written and is left alone. Before continuing after a
 checkpoint, the reader checks that the file still holds the consumed prefix
-(size, the newline before the offset, the fingerprint of the first line);
+(size, the newline before the offset, a hash of the last consumed line, the
+fingerprint of the first line);
 if not, the record was replaced or truncated and must be read from the start.
 """
 
@@ -31,6 +32,23 @@ class Checkpoint:
     line: int = 0
     seq: int = -1
     fingerprint: str | None = None
+    tail: str | None = None  # "<n>:<hash>" of the last consumed line (its last n bytes)
+
+
+TAIL_BYTES = 4096
+
+
+def tail_of(last_line: bytes) -> str:
+    """The continuity mark of a consumed line (without its newline): its last bytes' hash."""
+    window = last_line[-(TAIL_BYTES - 1) :] + b"\n"
+    return f"{len(window)}:{hashlib.sha256(window).hexdigest()[:32]}"
+
+
+def tail_at(read_at: ReadAt, offset: int) -> str:
+    """The continuity mark of the bytes just before ``offset`` (a line too long to keep)."""
+    n = min(TAIL_BYTES, offset)
+    window = read_at(offset - n, n)
+    return f"{len(window)}:{hashlib.sha256(window).hexdigest()[:32]}"
 
 
 def fingerprint_of(first_line: bytes) -> str:
@@ -60,6 +78,17 @@ def replaced_reason(read_at: ReadAt, size: int, checkpoint: Checkpoint) -> str |
         return f"file shrank to {size} bytes, below the {checkpoint.offset} already synced"
     if read_at(checkpoint.offset - 1, 1) != b"\n":
         return f"byte {checkpoint.offset - 1} is no longer the end of a line"
+    if checkpoint.tail:
+        length, _, _ = checkpoint.tail.partition(":")
+        n = int(length) if length.isdigit() else 0
+        if 0 < n <= checkpoint.offset:
+            window = read_at(checkpoint.offset - n, n)
+            mark = f"{len(window)}:{hashlib.sha256(window).hexdigest()[:32]}"
+            if mark != checkpoint.tail:
+                return (
+                    "the last synced line changed (the file was rewritten or restored from"
+                    " an older copy)"
+                )
     first = read_first_line(read_at, size)
     if first is None or fingerprint_of(first) != checkpoint.fingerprint:
         return "first line changed (a different record now lives at this path)"

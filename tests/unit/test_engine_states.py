@@ -223,3 +223,31 @@ def test_bound_is_a_state_of_its_own(tmp_path: Path, ledger: Ledger) -> None:
     # the binding was committed (state bound) before the failing write
     events = [e["kind"] for e in reversed(ledger.recent_events(10))]
     assert events[:2] == [BOUND, FAILED]
+
+
+def test_a_file_restored_from_an_older_copy_is_projected_again(
+    tmp_path: Path, ledger: Ledger
+) -> None:
+    sink = FakeSink()
+    engine = Engine(ledger, sink)
+    path = write_record(tmp_path / "r", [started("r1"), metrics(1, 0, 0.25), metrics(2, 1, 0.5)])
+    assert sync(engine, path).state == SYNCED
+    # Same first line, same length, a newline at the same place: only the last line differs.
+    path.write_text(started("r1") + metrics(1, 0, 0.25) + metrics(2, 1, 0.7))
+    from syncd.record.reader import replaced_reason
+
+    row = ledger.get_record(path.as_uri())
+    assert row is not None and row.tail is not None
+    record = LocalRecord(path)
+    try:
+        size, _ = record.stat()
+        from syncd.engine import _checkpoint
+
+        assert "last synced line changed" in (
+            replaced_reason(record.read_at, size, _checkpoint(row)) or ""
+        )
+    finally:
+        record.close()
+    assert sync(engine, path).state == SYNCED
+    [run] = sink.runs.values()
+    assert any(p[3] == 0.7 for p in run["points"])

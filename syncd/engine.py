@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import random
+import secrets
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +40,9 @@ from syncd.ledger import (
     SETTLED_STATES,
     SYNCED,
     WAITING,
+    Lease,
+    LeaseHolder,
+    LeaseLost,
     Ledger,
     Progress,
     RecordRow,
@@ -62,6 +68,12 @@ from syncd.sources.local import path_from_uri
 log = structlog.get_logger("syncd.engine")
 
 ARTIFACT_READ_DEADLINE = 600.0  # seconds to find and digest one artifact (a big file)
+LEASE_TTL = 120.0  # seconds a record's lease lasts unless renewed (renewed at every step)
+
+
+def worker_id(suffix: str = "") -> str:
+    """A name for one writer that no other process, host or restart uses."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}{suffix}"
 
 
 class Sink(Protocol):
@@ -107,6 +119,8 @@ class Outcome:
     run_id: str | None = None
     offset: int = 0  # bytes of the record consumed after this sync
     stopped: bool = False  # stopped between chunks (shutdown); the rest comes next time
+    busy: bool = False  # another worker holds the record's lease: nothing done here
+    busy_for: float = 0.0  # seconds that lease lasts at most, unless its holder renews it
 
 
 class _Unset:
@@ -130,6 +144,8 @@ class Engine:
         backoff: RetryBackoff | None = None,
         bounded: Bounded | None = None,
         should_stop: Callable[[], bool] | None = None,
+        worker: str | None = None,
+        lease_ttl: float = LEASE_TTL,
     ) -> None:
         self.ledger = ledger
         self.sink = sink
@@ -141,6 +157,10 @@ class Engine:
         # Asked between chunks: True stops a long record there (what was acknowledged
         # is kept; the rest is read on the next sync).
         self.should_stop = should_stop or (lambda: False)
+        # The lease owner name of this engine: one per writer (thread), never shared.
+        self.worker = worker or worker_id()
+        self.lease_ttl = lease_ttl
+        self._lease: Lease | None = None
 
     def sync(self, record: RecordFile, row: RecordRow | _Unset | None = _UNSET) -> Outcome:
         """Bring MLflow up to date with the complete lines of ``record``.
@@ -153,6 +173,72 @@ class Engine:
         being unavailable leaves the record ``waiting``; anything else leaves it
         ``failed`` with the reason. Both are retried with backoff.
         """
+        if isinstance(row, _Unset):
+            row = self.ledger.get_record(record.uri)
+        unchanged = self._unchanged(record, row)
+        if unchanged is not None:
+            return unchanged
+        if self.dry_run:
+            return self._contained(record, row)
+        # One worker projects a record at a time, anywhere in the fleet: the lease is
+        # taken first, then the checkpoint read again (another worker may have moved
+        # it, or died mid-record: we continue from what it committed).
+        lease = self.ledger.acquire_lease(record.uri, self.worker, self.lease_ttl)
+        if isinstance(lease, LeaseHolder):
+            log.debug("record_leased_elsewhere", file=record.display, owner=lease.owner)
+            return Outcome(
+                source=record.display,
+                state=row.state if row else PENDING,
+                skipped=True,
+                busy=True,
+                busy_for=lease.expires_in,
+                message=f"leased by {lease.owner} for {lease.expires_in:.0f}s more",
+            )
+        self._lease = lease
+        try:
+            return self._contained(record, self.ledger.get_record(record.uri))
+        except LeaseLost as exc:
+            log.warning("record_lease_lost", file=record.display, error=str(exc))
+            current = self.ledger.get_record(record.uri)
+            return Outcome(
+                source=record.display,
+                state=current.state if current else PENDING,
+                skipped=True,
+                busy=True,
+                busy_for=self.lease_ttl,
+                message=str(exc),
+            )
+        finally:
+            self._lease = None
+            try:
+                self.ledger.release_lease(lease)
+            except LedgerError as exc:  # it expires on its own
+                log.warning("lease_release_failed", file=record.display, error=str(exc))
+
+    def _unchanged(self, record: RecordFile, row: RecordRow | None) -> Outcome | None:
+        """The skip of a settled record whose file has not changed: no lease, no read."""
+        try:
+            size, mtime_ns = record.stat()
+        except OSError:
+            return None  # the sync reports it (or marks the record gone)
+        if (
+            row is not None
+            and row.size == size
+            and row.mtime_ns == mtime_ns
+            and row.state in SETTLED_STATES
+        ):
+            return Outcome(source=record.display, state=row.state, skipped=True)
+        return None
+
+    def _commit(self, progress: Progress) -> None:
+        self.ledger.commit(progress, self._lease)
+
+    def _renew(self) -> None:
+        """Between chunks and before each MLflow write: still ours, for a full ttl."""
+        if self._lease is not None:
+            self.ledger.renew_lease(self._lease)
+
+    def _contained(self, record: RecordFile, row: RecordRow | None) -> Outcome:
         try:
             return self._sync(record, row)
         except LedgerError:
@@ -164,9 +250,7 @@ class Engine:
         except Exception as exc:  # the record boundary: contain, report, go on
             return self._hold(record, FAILED, exc)
 
-    def _sync(self, record: RecordFile, row: RecordRow | _Unset | None) -> Outcome:
-        if isinstance(row, _Unset):
-            row = self.ledger.get_record(record.uri)
+    def _sync(self, record: RecordFile, row: RecordRow | None) -> Outcome:
         try:
             size, mtime_ns = record.stat()
         except FileNotFoundError:
@@ -184,7 +268,7 @@ class Engine:
         if reason is not None:
             log.warning("record_replaced", file=record.display, reason=reason)
             if not self.dry_run:
-                row = self.ledger.restart_record(row, reason)
+                row = self.ledger.restart_record(row, reason, self._lease)
             else:
                 row = RecordRow(source=record.uri)
 
@@ -236,7 +320,7 @@ class Engine:
             ):
                 row.size, row.mtime_ns, row.state = size, mtime_ns, PENDING
                 row.attempts, row.next_attempt_at = 0, None
-                self.ledger.commit(Progress(record=row, kind="pending"))
+                self._commit(Progress(record=row, kind="pending"))
         else:
             recovered = row.state in RETRY_STATES or row.state == BOUND
             if recovered:  # every line is acknowledged now: the retry is over
@@ -258,9 +342,7 @@ class Engine:
         with contextlib.suppress(OSError):  # settled: looked at again when the file changes
             row.size, row.mtime_ns = record.stat()
         row.state = BLOCKED
-        self.ledger.commit(
-            Progress(record=row, kind="held", errors=list(outcome.errors), detail=reason)
-        )
+        self._commit(Progress(record=row, kind="held", errors=list(outcome.errors), detail=reason))
         return outcome
 
     def _claimed_elsewhere(self, record: RecordFile, record_id: str) -> None:
@@ -290,9 +372,7 @@ class Engine:
         row.state = state
         row.last_error = message
         row.next_attempt_at = time.time() + self.backoff.delay(row.attempts)
-        self.ledger.commit(
-            Progress(record=row, kind=state, detail=f"attempt {row.attempts}: {message}")
-        )
+        self._commit(Progress(record=row, kind=state, detail=f"attempt {row.attempts}: {message}"))
         outcome.offset = row.offset
         return outcome
 
@@ -358,6 +438,7 @@ class Engine:
             else:
                 fresh = False
             uploads = self._resolve_uploads(record, plan, record_id, errors)
+            self._renew()  # a full ttl for this chunk's writes; the commit renews again
             try:
                 result = self.sink.apply(
                     plan,
@@ -415,9 +496,11 @@ class Engine:
             return
         if settled_stat is not None:  # only once every complete line is in: else re-read
             row.size, row.mtime_ns = settled_stat
-        self.ledger.commit(progress)
+        self._commit(progress)
         if plan.run is not None and progress.run is not None:
             self._link_children(progress.run)
+        if progress.run is not None and not progress.run.parent_linked:
+            self._link_to_parent(progress.run)
 
     def _bind(
         self,
@@ -426,8 +509,14 @@ class Engine:
         parent_record_id: str | None,
         parent_run_id: str | None,
     ) -> RunRow:
-        """Create or adopt the record's run and commit the binding before any other write."""
-        resolved = self.sink.resolve_run(spec, parent_run_id)
+        """Create or adopt the record's run and commit the binding before any other write.
+
+        Only under the record's lease, renewed just before: no other worker can be
+        creating a run for this record now. One may have created it and died before
+        binding it, so the run is first looked up by its tag.
+        """
+        self._renew()
+        resolved = self._adopt(spec) or self.sink.resolve_run(spec, parent_run_id)
         run = RunRow(
             record_id=spec.record_id,
             run_id=resolved.run_id,
@@ -437,10 +526,48 @@ class Engine:
         )
         if row.state == PENDING:
             row.state = BOUND
-        self.ledger.commit(
-            Progress(record=row, kind="bound", run=run, detail=f"run {resolved.run_id}")
-        )
+        self._commit(Progress(record=row, kind="bound", run=run, detail=f"run {resolved.run_id}"))
         return run
+
+    def _adopt(self, spec: RunSpec) -> ApplyResult | None:
+        """The run another writer created for this record and did not bind, if any.
+
+        A sink skips that search in experiments it created itself; other writers
+        (threads, daemons) may have created runs there too.
+        """
+        find_run = getattr(self.sink, "find_run", None)
+        experiment_of = getattr(self.sink, "experiment_id", None)
+        if self._lease is None or find_run is None or experiment_of is None:
+            return None
+        experiment_id = str(experiment_of(spec.experiment))
+        existing = find_run(experiment_id, spec.record_id)
+        if existing is None:
+            return None
+        if existing.info.lifecycle_stage != "active":
+            raise PermanentSinkError(
+                f"run {existing.info.run_id} is deleted in MLflow; restore it"
+                f" (mlflow runs restore --run-id {existing.info.run_id}) to resume syncing"
+            )
+        log.info("run_adopted", run_id=existing.info.run_id, record_id=spec.record_id)
+        return ApplyResult(run_id=existing.info.run_id, experiment_id=experiment_id, created=False)
+
+    def _link_to_parent(self, child: RunRow) -> None:
+        """A child bound while its parent was not yet: link it if the parent is bound now.
+
+        The parent links the children it finds after binding, the child looks for the
+        parent after binding: whichever commits second sees the other.
+        """
+        if not child.parent_record_id:
+            return
+        parent = self.ledger.get_run(child.parent_record_id)
+        if parent is None:
+            return
+        try:
+            self.sink.link_parent(child.run_id, parent.run_id)
+        except SinkError as exc:
+            log.warning("parent_link_failed", child_run_id=child.run_id, error=str(exc))
+            return
+        self.ledger.mark_linked(child.record_id)
 
     def _resolve_uploads(
         self, record: RecordFile, plan: WritePlan, record_id: str | None, errors: list[RecordError]
@@ -477,7 +604,7 @@ class Engine:
         if self.dry_run or (row.size == size and row.mtime_ns == mtime_ns and not force):
             return
         row.size, row.mtime_ns = size, mtime_ns
-        self.ledger.commit(Progress(record=row, kind="settled"))
+        self._commit(Progress(record=row, kind="settled"))
 
     def _gone(self, record: RecordFile, row: RecordRow | None) -> Outcome:
         if row is None:
@@ -485,7 +612,7 @@ class Engine:
         if row.state != GONE and not self.dry_run:
             log.warning("record_gone", file=record.display, record_id=row.record_id)
             row.state = GONE
-            self.ledger.commit(Progress(record=row, kind="gone", detail="source file deleted"))
+            self._commit(Progress(record=row, kind="gone", detail="source file deleted"))
         return Outcome(source=record.display, state=GONE)
 
 

@@ -140,6 +140,17 @@ extension_events = sa.Table(
     sa.Column("body", sa.Text, nullable=False),
 )
 
+# schema 3: one worker projects a record at a time (see :meth:`Ledger.acquire_lease`)
+leases = sa.Table(
+    "syncd_leases",
+    metadata,
+    sa.Column("sink", sa.String(512), primary_key=True),
+    sa.Column("source", sa.String(2048), primary_key=True),
+    sa.Column("owner", sa.String(256), nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),  # epoch seconds, database clock
+    sa.Column("acquired_at", sa.Float, nullable=False),
+)
+
 meta = sa.Table(
     "syncd_meta",
     metadata,
@@ -206,6 +217,27 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 class LedgerConflict(LedgerError):
     """The record's row changed under us (another writer moved it): re-read and retry."""
+
+
+class LeaseLost(LedgerConflict):
+    """Another worker took the record's lease over (ours had expired): stop writing it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """The right to project one record, held by ``owner`` (a worker id) and renewed."""
+
+    source: str
+    owner: str
+    ttl: float
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseHolder:
+    """Who holds a record's lease we could not take, and for how long still."""
+
+    owner: str
+    expires_in: float
 
 
 class Ledger:
@@ -353,8 +385,13 @@ class Ledger:
 
     # -- writes --------------------------------------------------------------------
 
-    def commit(self, progress: Progress) -> None:
-        """Checkpoint, run map, artifacts, errors and the audit event: all or nothing."""
+    def commit(self, progress: Progress, lease: Lease | None = None) -> None:
+        """Checkpoint, run map, artifacts, errors and the audit event: all or nothing.
+
+        With ``lease``, the transaction also renews it and commits nothing (raising
+        :class:`LeaseLost`) when another worker holds it now: a worker whose lease
+        was taken over can never move the record's checkpoint.
+        """
         now = time.time()
         rec = progress.record
         rec.error_count += len(progress.errors)
@@ -363,6 +400,8 @@ class Ledger:
         if progress.kind == "applied":
             rec.last_sync_at = now
         with self._tx() as conn:
+            if lease is not None:
+                self._fence(conn, lease)
             self._write_record(conn, rec, now)
             if progress.run is not None:
                 run = progress.run
@@ -463,10 +502,12 @@ class Ledger:
                 f" {rec.version}); re-read it"
             )
 
-    def restart_record(self, row: RecordRow, reason: str) -> RecordRow:
+    def restart_record(self, row: RecordRow, reason: str, lease: Lease | None = None) -> RecordRow:
         """The file no longer continues what was synced: forget position and errors."""
         fresh = RecordRow(source=row.source)
         with self._tx() as conn:
+            if lease is not None:
+                self._fence(conn, lease)
             conn.execute(
                 record_errors.delete().where(
                     record_errors.c.sink == self.sink, record_errors.c.source == row.source
@@ -481,8 +522,112 @@ class Ledger:
             )
             if row.version and deleted.rowcount != 1:
                 raise LedgerConflict(f"{row.source}: the record's row changed since it was read")
-        self.commit(Progress(record=fresh, kind="replaced", detail=reason))
+        self.commit(Progress(record=fresh, kind="replaced", detail=reason), lease)
         return fresh
+
+    # -- leases --------------------------------------------------------------------
+    #
+    # One worker projects a record at a time. A lease is a row per (sink, source)
+    # naming its owner and an expiry on the database's clock (hosts of a fleet may
+    # disagree about the time; the database is the one clock they share). It is
+    # taken with atomic conditional statements that behave the same on SQLite and
+    # PostgreSQL: an INSERT that does nothing when a row exists, then an UPDATE
+    # that only matches a free, expired or already-owned lease; the row count says
+    # who won. No transaction stays open while MLflow is called (a
+    # ``SELECT ... FOR UPDATE SKIP LOCKED`` lease would hold one, and a connection
+    # per worker, for as long as the record syncs), and a worker that dies leaves
+    # a lease that simply expires.
+
+    def _db_now(self) -> sa.ColumnElement[float]:
+        """Epoch seconds on the database's clock."""
+        if self.engine.dialect.name == "postgresql":
+            return sa.cast(sa.func.extract("epoch", sa.func.clock_timestamp()), sa.Float)
+        return sa.cast(
+            (sa.func.julianday(sa.literal_column("'now'")) - 2440587.5) * 86400.0, sa.Float
+        )
+
+    def acquire_lease(self, source: str, owner: str, ttl: float) -> Lease | LeaseHolder:
+        """Take the record's lease (free, expired, or ours already), else say who has it."""
+        key = (leases.c.sink == self.sink, leases.c.source == source)
+        with self._tx() as conn:
+            now = conn.execute(sa.select(self._db_now())).scalar_one()
+            inserted = conn.execute(
+                self._insert(conn, leases)
+                .values(
+                    sink=self.sink,
+                    source=source,
+                    owner=owner,
+                    expires_at=now + ttl,
+                    acquired_at=now,
+                )
+                .on_conflict_do_nothing(index_elements=["sink", "source"])
+            )
+            if inserted.rowcount == 1:
+                return Lease(source, owner, ttl)
+            taken = conn.execute(
+                leases.update()
+                .where(*key, sa.or_(leases.c.owner == owner, leases.c.expires_at < self._db_now()))
+                .values(owner=owner, expires_at=self._db_now() + ttl, acquired_at=self._db_now())
+            )
+            if taken.rowcount == 1:
+                return Lease(source, owner, ttl)
+            holder = conn.execute(
+                sa.select(leases.c.owner, leases.c.expires_at - self._db_now()).where(*key)
+            ).first()
+        if holder is None:  # released between our two statements: try again
+            return self.acquire_lease(source, owner, ttl)
+        return LeaseHolder(owner=holder[0], expires_in=max(0.0, float(holder[1])))
+
+    def renew_lease(self, lease: Lease) -> None:
+        """Push the lease's expiry out by its ttl; :class:`LeaseLost` if another took it."""
+        with self._tx() as conn:
+            self._fence(conn, lease)
+
+    def release_lease(self, lease: Lease) -> None:
+        """Give the lease up (if still ours): the next worker need not wait for it to expire."""
+        with self._tx() as conn:
+            conn.execute(
+                leases.delete().where(
+                    leases.c.sink == self.sink,
+                    leases.c.source == lease.source,
+                    leases.c.owner == lease.owner,
+                )
+            )
+
+    def lease_of(self, source: str) -> tuple[str, float] | None:
+        """The owner of the record's lease and its expiry (database clock), if any."""
+        with self._read() as conn:
+            row = conn.execute(
+                sa.select(leases.c.owner, leases.c.expires_at).where(
+                    leases.c.sink == self.sink, leases.c.source == source
+                )
+            ).first()
+        return (row[0], float(row[1])) if row else None
+
+    def _fence(self, conn: Connection, lease: Lease) -> None:
+        renewed = conn.execute(
+            leases.update()
+            .where(
+                leases.c.sink == self.sink,
+                leases.c.source == lease.source,
+                leases.c.owner == lease.owner,
+            )
+            .values(expires_at=self._db_now() + lease.ttl)
+        )
+        if renewed.rowcount != 1:
+            raise LeaseLost(f"{lease.source}: another worker took this record's lease over")
+
+    def _insert(self, conn: Connection, table: sa.Table) -> Any:
+        dialect = conn.dialect.name
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            return pg_insert(table)
+        if dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+            return sqlite_insert(table)
+        raise LedgerError(f"unsupported ledger database {dialect!r}: use SQLite or PostgreSQL")
 
     def forget(self, sources: Sequence[str]) -> list[str]:
         """Drop checkpoints, errors, artifact digests and run bindings of ``sources``.
@@ -657,7 +802,9 @@ def _legacy_revision(conn: Connection) -> str | None:
     if not inspector.has_table("syncd_records"):
         return None
     columns = {c["name"] for c in inspector.get_columns("syncd_records")}
-    return "0002" if "version" in columns else "0001"
+    if "version" not in columns:
+        return "0001"
+    return "0003" if inspector.has_table("syncd_leases") else "0002"
 
 
 @contextmanager

@@ -75,11 +75,11 @@ class FaultyLedger(Ledger):
 
     fault: str | None = None
 
-    def commit(self, progress: Any) -> None:
+    def commit(self, progress: Any, lease: Any = None) -> None:
         fault, self.fault = self.fault, None
         if fault == "before":
             raise LedgerError("injected: ledger unreachable")
-        super().commit(progress)
+        super().commit(progress, lease)
         if fault == "after":
             raise LedgerError("injected: ledger acknowledgement lost")
 

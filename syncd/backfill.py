@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -13,7 +16,7 @@ import structlog
 
 from syncd.artifacts import clean_stale_stages
 from syncd.config import Root, Settings
-from syncd.engine import Engine, Outcome
+from syncd.engine import Engine, Outcome, worker_id
 from syncd.errors import ConfigError
 from syncd.ledger import (
     BLOCKED,
@@ -31,6 +34,7 @@ from syncd.logging import redact_text
 from syncd.sink import MlflowSink, RetryPolicy
 from syncd.sources.local import LocalRecord, find_records
 from syncd.store_schema import StoreSchemaError
+from syncd.writers import WriterPool, writer_count
 
 log = structlog.get_logger("syncd.backfill")
 
@@ -60,6 +64,7 @@ class Summary:
     blocked: int = 0
     pending: int = 0
     gone: int = 0
+    busy: int = 0  # another worker (another syncd) was syncing the record: left to it
     events: int = 0
     metric_points: int = 0
     artifacts: int = 0
@@ -69,7 +74,9 @@ class Summary:
 
     def add(self, outcome: Outcome) -> None:
         self.records += 1
-        if outcome.skipped:
+        if outcome.busy:
+            self.busy += 1
+        elif outcome.skipped:
             self.unchanged += 1
         counter = {
             SYNCED: "synced",
@@ -80,7 +87,7 @@ class Summary:
             PENDING: "pending",
             GONE: "gone",
         }.get(outcome.state)
-        if counter:
+        if counter and not outcome.busy:
             setattr(self, counter, getattr(self, counter) + 1)
         self.events += outcome.events
         self.metric_points += outcome.metric_points
@@ -183,12 +190,17 @@ def backfill(
     ledger = open_ledger(settings, read_only=dry_run)
     if ledger is None:  # a dry run before any sync: an in-memory ledger
         ledger = Ledger("sqlite://", sink_key(settings.tracking_uri))
-    sink = MlflowSink(
-        settings.tracking_uri,
-        retry=RetryPolicy(attempts=5, max_delay=5.0),
-        artifact_root=settings.artifact_root,
-        call_deadline=settings.timeouts.http + 5,
-    )
+    count = 1 if dry_run else writer_count(settings.tracking_uri, settings.writer.concurrency)
+    sinks = [
+        MlflowSink(
+            settings.tracking_uri,
+            retry=RetryPolicy(attempts=5, max_delay=5.0),
+            artifact_root=settings.artifact_root,
+            call_deadline=settings.timeouts.http + 5,
+        )
+        for _ in range(count)
+    ]
+    sink = sinks[0]
     try:
         if upgrade_store and not dry_run:
             sink.upgrade_store()
@@ -196,8 +208,21 @@ def backfill(
     except StoreSchemaError as exc:
         ledger.close()
         raise ConfigError(str(exc)) from exc
-    engine = Engine(
-        ledger, sink, default_experiment=root_experiments(settings.roots), dry_run=dry_run
+    pool = WriterPool(
+        [
+            (
+                Engine(
+                    ledger,
+                    each,
+                    default_experiment=root_experiments(settings.roots),
+                    dry_run=dry_run,
+                    worker=worker_id(f"/backfill{index}"),
+                    lease_ttl=settings.writer.lease_ttl,
+                ),
+                each,
+            )
+            for index, each in enumerate(sinks)
+        ]
     )
     log.info(
         "backfill_start",
@@ -206,38 +231,63 @@ def backfill(
         roots=[root.path for root in settings.roots],
         records=len(files),
         dry_run=dry_run,
+        writers=count,
     )
     known = ledger.all_records()
     bar = progress(len(files)) if progress else nullcontext(_NoProgress())
     sink_down: str | None = None
+    running: deque[tuple[Path, Future[Outcome]]] = deque()
+
+    def collect(shown: Progress) -> None:
+        nonlocal sink_down
+        path, future = running.popleft()
+        outcome = future.result()
+        summary.add(outcome)
+        shown.advance(str(path), outcome.events)
+        if outcome.retry_later and sink_down is None:
+            sink_down = f"MLflow is unavailable ({outcome.message})"
+            log.error("sink_unavailable_pass_continues", reason=sink_down[:300])
+
     try:
         with bar as shown:
             for _root, path in files:
                 record = LocalRecord(path)
                 row = known.get(record.uri)
-                try:
-                    if sink_down is not None and _needs_writes(record, row):
-                        # MLflow is down: name the record instead of waiting on each one.
-                        outcome = Outcome(
+                if sink_down is not None and _needs_writes(record, row):
+                    # MLflow is down: name the record instead of waiting on each one.
+                    record.close()
+                    done: Future[Outcome] = Future()
+                    done.set_result(
+                        Outcome(
                             source=record.display,
                             state=WAITING,
                             retry_later=True,
                             message=f"not attempted: {sink_down}",
                         )
-                    else:
-                        outcome = engine.sync(record, row)
-                finally:
-                    record.close()
-                summary.add(outcome)
-                shown.advance(str(path), outcome.events)
-                if outcome.retry_later and sink_down is None:
-                    sink_down = f"MLflow is unavailable ({outcome.message})"
-                    log.error("sink_unavailable_pass_continues", reason=sink_down[:300])
+                    )
+                    running.append((path, done))
+                else:
+                    future = pool.submit(record.uri, partial(_sync_closing, record=record, row=row))
+                    assert future is not None  # every path is distinct
+                    running.append((path, future))
+                # results in file order; at most a few records ahead of the oldest
+                while running and (running[0][1].done() or len(running) > 2 * pool.size):
+                    collect(shown)
+            while running:
+                collect(shown)
     finally:
+        pool.close()
         ledger.close()
     summary.duration_s = round(time.perf_counter() - started, 3)
     log.info("backfill_done", **{k: v for k, v in summary.as_dict().items() if k != "errors"})
     return summary
+
+
+def _sync_closing(engine: Engine, *, record: LocalRecord, row: RecordRow | None) -> Outcome:
+    try:
+        return engine.sync(record, row)
+    finally:
+        record.close()
 
 
 def _needs_writes(record: LocalRecord, row: RecordRow | None) -> bool:

@@ -162,6 +162,11 @@ class WriterConfig(_Section):
     linger_ms: int = Field(default=150, ge=0, le=5000)  # wait to batch events
     max_backlog_events: int = Field(default=100_000, gt=0)
     drain_timeout: float = Field(default=10.0, gt=0)  # seconds to flush on shutdown
+    # records written at once to an MLflow server or database store (SQLite: always 1)
+    concurrency: int = Field(default=4, ge=1, le=64)
+    # seconds a record's lease lasts unless renewed (every step renews it); a dead
+    # writer's records are taken over after this
+    lease_ttl: float = Field(default=120.0, ge=1.0)
 
 
 class LedgerConfig(_Section):

@@ -231,6 +231,7 @@ class Engine:
         return None
 
     def _commit(self, progress: Progress) -> None:
+        progress.worker = self.worker
         self.ledger.commit(progress, self._lease)
 
     def _renew(self) -> None:

@@ -128,6 +128,7 @@ sync_events = sa.Table(
     sa.Column("events", sa.Integer, nullable=False, default=0),
     sa.Column("metric_points", sa.Integer, nullable=False, default=0),
     sa.Column("detail", sa.Text),
+    sa.Column("worker", sa.String(256)),  # schema 3: the writer that committed it
 )
 
 extension_events = sa.Table(
@@ -204,6 +205,7 @@ class Progress:
     events: int = 0
     metric_points: int = 0
     detail: str | None = None
+    worker: str | None = None  # the writer committing it (the lease owner)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -471,6 +473,7 @@ class Ledger:
                     events=progress.events,
                     metric_points=progress.metric_points,
                     detail=progress.detail,
+                    worker=progress.worker or (lease.owner if lease else None),
                 )
             )
         rec.version += 1
@@ -681,6 +684,16 @@ class Ledger:
                 )
             )
             return [row.source for row in rows]
+
+    def events_of(self, source: str) -> list[dict[str, Any]]:
+        """The sync events of one record, oldest first (audits, tests of the fleet)."""
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.select(sync_events)
+                .where(sync_events.c.sink == self.sink, sync_events.c.source == source)
+                .order_by(sync_events.c.id)
+            )
+            return [dict(row._mapping) for row in rows]
 
     def sinks(self) -> list[str]:
         """Every sink this ledger holds records or runs for."""

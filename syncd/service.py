@@ -4,8 +4,9 @@ One main loop owns the writes: it takes record notices (from the watcher
 threads and periodic rescans), waits a short linger so appends coalesce, syncs
 each changed record through the engine, and beats the heartbeat that
 ``/healthz`` and systemd's watchdog read. If the loop is stuck, the pings stop
-and systemd restarts the service. Only the loop writes to MLflow, so a SQLite
-store is never contended from here.
+and systemd restarts the service. The loop hands records to its writers
+(:mod:`syncd.writers`): one for a SQLite store, ``writer.concurrency`` for an
+MLflow server or a database store, distinct records in parallel.
 
 Signals: SIGTERM/SIGINT stop reading, drain what is queued (bounded by
 ``writer.drain_timeout``) and exit 0; SIGHUP reloads the config file.
@@ -19,7 +20,9 @@ import signal
 import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -29,7 +32,7 @@ import structlog
 from syncd.artifacts import clean_stale_stages
 from syncd.backfill import iter_record_files, open_ledger, root_experiments, sink_key
 from syncd.config import Settings, load_config
-from syncd.engine import Engine, Outcome
+from syncd.engine import Engine, Outcome, worker_id
 from syncd.errors import ConfigError, SyncdError
 from syncd.health import HealthServer, HealthState, Metrics
 from syncd.ledger import FAILED, RETRY_STATES, WAITING, Ledger
@@ -39,6 +42,7 @@ from syncd.sink import MlflowSink, RetryPolicy
 from syncd.sources.local import LocalRecord, path_from_uri
 from syncd.supervisor import Supervisor
 from syncd.watch import Watcher
+from syncd.writers import WriterPool, writer_count
 
 log = structlog.get_logger("syncd.service")
 
@@ -112,7 +116,7 @@ class Daemon:
         self.reload_requested = False
         self.ledger: Ledger | None = None
         self.sink: MlflowSink | None = None
-        self.engine: Engine | None = None
+        self.pool: WriterPool | None = None
         self.watcher: Watcher | None = None
         self.offsets: dict[Path, int] = {}
         self.retry_due: dict[Path, float] = {}  # waiting/failed records: next try (epoch s)
@@ -144,6 +148,7 @@ class Daemon:
             self._use(*self._open(self.settings))
             clean_stale_stages()
             stack.callback(self._close_ledger)
+            stack.callback(self._close_pool)
             endpoint = self.settings.health_endpoint
             if endpoint is not None:
                 try:
@@ -196,30 +201,40 @@ class Daemon:
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGHUP, reload)
 
-    def _open(self, settings: Settings) -> tuple[Ledger, MlflowSink, Engine]:
-        """Ledger, sink and engine for ``settings`` (nothing is replaced yet)."""
+    def _open(self, settings: Settings) -> tuple[Ledger, WriterPool]:
+        """Ledger and writers for ``settings`` (nothing is replaced yet)."""
         check_roots(settings)
         ledger = open_ledger(settings)
         assert ledger is not None
-        sink = MlflowSink(
-            settings.tracking_uri,
-            retry=RetryPolicy(attempts=2, max_delay=0.5),
-            artifact_root=settings.artifact_root,
-            call_deadline=settings.timeouts.http + CALL_DEADLINE_MARGIN,
-            bounded=self.supervisor.bounded,
-        )
-        engine = Engine(
-            ledger,
-            sink,
-            default_experiment=root_experiments(settings.roots),
-            on_step=self._beat,
-            bounded=self.supervisor.bounded,
-            should_stop=self._past_drain_deadline,
-        )
-        return ledger, sink, engine
+        count = writer_count(settings.tracking_uri, settings.writer.concurrency)
+        writers: list[tuple[Engine, MlflowSink]] = []
+        for index in range(count):
+            sink = MlflowSink(
+                settings.tracking_uri,
+                retry=RetryPolicy(attempts=2, max_delay=0.5),
+                artifact_root=settings.artifact_root,
+                call_deadline=settings.timeouts.http + CALL_DEADLINE_MARGIN,
+                bounded=self.supervisor.bounded,
+            )
+            engine = Engine(
+                ledger,
+                sink,
+                default_experiment=root_experiments(settings.roots),
+                # one writer runs in the loop's thread and beats for it; threads only
+                # tell the supervisor they progress (the loop beats while it waits)
+                on_step=self._beat if count == 1 else self.supervisor.beat,
+                bounded=self.supervisor.bounded,
+                should_stop=self._past_drain_deadline,
+                worker=worker_id(f"/w{index}"),
+                lease_ttl=settings.writer.lease_ttl,
+            )
+            writers.append((engine, sink))
+        if count > 1:
+            log.info("writers", count=count)
+        return ledger, WriterPool(writers)
 
-    def _use(self, ledger: Ledger, sink: MlflowSink, engine: Engine) -> None:
-        self.ledger, self.sink, self.engine = ledger, sink, engine
+    def _use(self, ledger: Ledger, pool: WriterPool) -> None:
+        self.ledger, self.pool, self.sink = ledger, pool, pool.sink
         self.offsets = {}
         self.retry_due = {}
         with self.state_lock:
@@ -232,6 +247,10 @@ class Daemon:
         """The supervisor's verdict: progress is possible (``/healthz`` reads it)."""
         with self.state_lock:
             self.state.heartbeat = now
+
+    def _close_pool(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
 
     def _close_ledger(self) -> None:
         if self.ledger is not None:
@@ -312,35 +331,71 @@ class Daemon:
         return max(wait, 0.001)
 
     def _sync_round(self, deadline: float | None) -> None:
-        assert self.engine is not None
-        batch = self.backlog.take(RECORDS_PER_ROUND)
-        for index, (path, since) in enumerate(batch):
-            untried = batch[index + 1 :]
-            if deadline is not None and time.monotonic() > deadline:
-                self.backlog.add(path, since)
-                continue
-            record = LocalRecord(path)
-            started = time.perf_counter()
-            try:
-                outcome = self.engine.sync(record, self._row_for(path))
-            except SyncdError as exc:  # the ledger failed: keep the notice, try again later
-                log.error("ledger_failed", file=str(path), error=redact_text(str(exc))[:500])
-                self._requeue([(path, since), *untried])
-                self._back_off(str(exc))
-                return
-            finally:
-                record.close()
-            self._account(path, outcome, time.perf_counter() - started)
-            if outcome.retry_later:
-                self._requeue([(path, since), *untried])
-                self._back_off(outcome.message or "MLflow unavailable")
-                return
-            if outcome.state == FAILED:
-                self._schedule_retry(path)
-            self._beat()
+        """Sync a batch of noticed records on the writers, distinct records in parallel.
+
+        The loop stays in this thread: it hands records out, beats while writers
+        work, and reads every outcome. When MLflow or the ledger fails, or a reload
+        or stop arrives, nothing more is handed out and the rest goes back.
+        """
+        assert self.pool is not None
+        pool = self.pool
+        pending = list(reversed(self.backlog.take(RECORDS_PER_ROUND)))
+        running: dict[Future[Outcome], tuple[Path, float, float]] = {}
+        halted = False
+        while pending or running:
+            while pending and not halted and len(running) < pool.size:
+                path, since = pending.pop()
+                if deadline is not None and time.monotonic() > deadline:
+                    self.backlog.add(path, since)
+                    continue
+                future = pool.submit(path, partial(self._sync_one, path=path))
+                if future is None:  # a writer has it: its notice comes back after
+                    self.backlog.add(path, since)
+                    continue
+                running[future] = (path, since, time.perf_counter())
+            if not running:
+                break
+            done, _ = wait(running, timeout=LOOP_TICK, return_when=FIRST_COMPLETED)
+            for future in done:
+                path, since, started = running.pop(future)
+                if not self._settle_outcome(future, path, since, started, halted):
+                    halted = True
             if self.reload_requested or (self.stopping and deadline is None):
-                self._requeue(untried)
-                return
+                halted = True
+            self._beat()
+        if pending:
+            self._requeue(list(reversed(pending)))
+
+    def _sync_one(self, engine: Engine, path: Path) -> Outcome:
+        record = LocalRecord(path)
+        try:
+            return engine.sync(record, self._row_for(path))
+        finally:
+            record.close()
+
+    def _settle_outcome(
+        self, future: Future[Outcome], path: Path, since: float, started: float, halted: bool
+    ) -> bool:
+        """Account for one record's sync; False when the round must hand out no more."""
+        try:
+            outcome = future.result()
+        except SyncdError as exc:  # the ledger failed: keep the notice, try again later
+            log.error("ledger_failed", file=str(path), error=redact_text(str(exc))[:500])
+            self.backlog.add(path, since)
+            if not halted:
+                self._back_off(str(exc))
+            return False
+        self._account(path, outcome, time.perf_counter() - started)
+        if outcome.retry_later:
+            self.backlog.add(path, since)
+            if not halted:
+                self._back_off(outcome.message or "MLflow unavailable")
+            return False
+        if outcome.busy:  # another worker holds it: look again when its lease ends
+            self.retry_due[path] = time.time() + outcome.busy_for + random.uniform(0.1, 1.0)
+        elif outcome.state == FAILED:
+            self._schedule_retry(path)
+        return True
 
     def _requeue(self, items: list[tuple[Path, float]]) -> None:
         """Notices taken but not synced go back, keeping their age."""
@@ -373,8 +428,8 @@ class Daemon:
         m.metric_points.inc(outcome.metric_points)
         m.artifacts.inc(outcome.artifacts)
         m.record_errors.inc(len(outcome.errors))
-        if self.sink is not None:
-            m.sink_retries.inc(self.sink.take_retries())
+        if self.pool is not None:
+            m.sink_retries.inc(self.pool.take_retries())
         if outcome.retry_later:
             m.sink_errors.labels(kind="transient").inc()
             m.record_failures.labels(state=WAITING).inc()
@@ -572,11 +627,13 @@ class Daemon:
         self._stop_watcher()
         self.settings = new
         if opened is not None:
+            self._close_pool()
             self._close_ledger()
             self._use(*opened)
             self._check_sink()
-        elif self.engine is not None:
-            self.engine.default_experiment = root_experiments(new.roots)
+        elif self.pool is not None:
+            for engine in self.pool.engines:
+                engine.default_experiment = root_experiments(new.roots)
         self._start_watcher()
         self.next_rescan = 0.0
         self.notifier.ready(self._status_line())

@@ -1,4 +1,5 @@
-"""Per-record leases: which worker projects a record, until when.
+"""Per-record leases: which worker projects a record, until when; and which worker
+wrote each sync event.
 
 A table of its own rather than columns on ``syncd_records``: a record's row is
 deleted and inserted again when its file is replaced or resynced, and the lease
@@ -28,7 +29,11 @@ def upgrade() -> None:
         sa.Column("expires_at", sa.Float, nullable=False),  # epoch seconds, database clock
         sa.Column("acquired_at", sa.Float, nullable=False),
     )
+    with op.batch_alter_table("syncd_sync_events") as batch:
+        batch.add_column(sa.Column("worker", sa.String(256)))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("syncd_sync_events") as batch:
+        batch.drop_column("worker")
     op.drop_table("syncd_leases")

@@ -225,7 +225,7 @@ class Ledger:
             self._upgrade_columns()
             self._check_schema_version()
         except sa.exc.SQLAlchemyError as exc:
-            raise LedgerError(f"cannot open the ledger at {_safe_url(url)}: {exc}") from exc
+            raise LedgerError(_failure("cannot open the ledger", url, exc)) from exc
 
     def close(self) -> None:
         self.engine.dispose()
@@ -236,7 +236,7 @@ class Ledger:
             with self.engine.connect() as conn:
                 yield conn
         except sa.exc.SQLAlchemyError as exc:
-            raise LedgerError(f"ledger read failed: {_short_error(exc)}") from exc
+            raise LedgerError(_failure("ledger read failed", self.url, exc)) from exc
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
@@ -244,7 +244,7 @@ class Ledger:
             with self.engine.begin() as conn:
                 yield conn
         except sa.exc.SQLAlchemyError as exc:
-            raise LedgerError(f"ledger write failed: {_short_error(exc)}") from exc
+            raise LedgerError(_failure("ledger write failed", self.url, exc)) from exc
 
     def _upgrade_columns(self) -> None:
         """Add the columns of newer schema versions to a ledger made by an older syncd."""
@@ -663,6 +663,40 @@ def _short_error(exc: BaseException) -> str:
     """The database's own message, without SQLAlchemy's statement dump."""
     orig = getattr(exc, "orig", None)
     return f"{type(orig or exc).__name__}: {orig or exc}"
+
+
+_CORRUPT = ("file is not a database", "database disk image is malformed")
+_UNWRITABLE = (
+    "disk I/O error",
+    "database or disk is full",
+    "attempt to write a readonly database",
+    "unable to open database file",
+)
+
+
+def _failure(what: str, url: str, exc: BaseException) -> str:
+    """One line naming the ledger, the database's reason and, when known, the way out."""
+    name = _ledger_name(url)
+    reason = _short_error(exc).splitlines()[0]
+    if any(marker in reason for marker in _CORRUPT):
+        return (
+            f"the ledger {name} is corrupt ({reason}); delete it and run again:"
+            " runs are adopted by their syncd.record_id tag"
+        )
+    if any(marker in reason for marker in _UNWRITABLE):
+        return f"{what}: {name}: {reason} (is its folder full or read-only?)"
+    return f"{what}: {name}: {reason}"
+
+
+def _ledger_name(url: str) -> str:
+    """The file of a SQLite ledger, else the URL without its password."""
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        return "<invalid URL>"
+    if parsed.get_backend_name() == "sqlite" and parsed.database:
+        return parsed.database
+    return _safe_url(url)
 
 
 def _safe_url(url: str) -> str:

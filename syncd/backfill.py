@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
@@ -118,10 +119,16 @@ def open_ledger(settings: Settings, *, read_only: bool = False) -> Ledger | None
         path = settings.state_dir / "ledger.db"
         if read_only and not path.exists():
             return None
+        folder = settings.state_dir
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"state_dir {folder} is not a directory (a file is in the way)")
         try:
-            settings.state_dir.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise ConfigError(f"state_dir {settings.state_dir}: {exc.strerror}") from exc
+            raise ConfigError(f"state_dir {folder}: cannot create it: {exc.strerror}") from exc
+        if not read_only and not os.access(folder, os.W_OK | os.X_OK):
+            # also true for root on a read-only file system (EROFS)
+            raise ConfigError(f"state_dir {folder} is not writable (a read-only file system?)")
     return Ledger(url, sink_key(settings.tracking_uri))
 
 

@@ -311,7 +311,9 @@ class Daemon:
 
     def _sync_round(self, deadline: float | None) -> None:
         assert self.engine is not None
-        for path, since in self.backlog.take(RECORDS_PER_ROUND):
+        batch = self.backlog.take(RECORDS_PER_ROUND)
+        for index, (path, since) in enumerate(batch):
+            untried = batch[index + 1 :]
             if deadline is not None and time.monotonic() > deadline:
                 self.backlog.add(path, since)
                 continue
@@ -321,7 +323,7 @@ class Daemon:
                 outcome = self.engine.sync(record, self._row_for(path))
             except SyncdError as exc:  # the ledger failed: keep the notice, try again later
                 log.error("ledger_failed", file=str(path), error=redact_text(str(exc))[:500])
-                self.backlog.add(path, since)
+                self._requeue([(path, since), *untried])
                 self._back_off(str(exc), ledger=True)
                 return
             finally:
@@ -329,14 +331,20 @@ class Daemon:
             self._ledger_ok()
             self._account(path, outcome, time.perf_counter() - started)
             if outcome.retry_later:
-                self.backlog.add(path, since)
+                self._requeue([(path, since), *untried])
                 self._back_off(outcome.message or "MLflow unavailable")
                 return
             if outcome.state == FAILED:
                 self._schedule_retry(path)
             self._beat()
             if self.reload_requested or (self.stopping and deadline is None):
+                self._requeue(untried)
                 return
+
+    def _requeue(self, items: list[tuple[Path, float]]) -> None:
+        """Notices taken but not synced go back, keeping their age."""
+        for path, since in items:
+            self.backlog.add(path, since)
 
     def _schedule_retry(self, path: Path) -> None:
         row = self._row_for(path)

@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fault_proxy import FaultProxy
+from mlflow_server import MlflowServerProcess
 
 os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -45,3 +47,21 @@ def client(tracking_uri: str) -> Iterator[object]:
     from mlflow.tracking import MlflowClient
 
     yield MlflowClient(tracking_uri=tracking_uri)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(
+    tmp_path_factory: pytest.TempPathFactory, mlflow_template: Path
+) -> Iterator[MlflowServerProcess]:
+    """One real `mlflow server` for the session; tests isolate by experiment names."""
+    server = MlflowServerProcess(tmp_path_factory.mktemp("mlflow-server"), mlflow_template)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fault_proxy(mlflow_server: MlflowServerProcess) -> Iterator[FaultProxy]:
+    """A fault-injecting proxy in front of the session's `mlflow server`, passing through."""
+    with FaultProxy(mlflow_server.port) as proxy:
+        yield proxy

@@ -47,11 +47,17 @@ def run_backfill(
     return backfill(settings, **kw)
 
 
-def runs_by_record(client: Any) -> dict[str, Any]:
-    """Every run in the store keyed by its syncd.record_id tag."""
+def runs_by_record(client: Any, experiments: list[str] | None = None) -> dict[str, Any]:
+    """Every run in the store (or in the named experiments) keyed by its syncd.record_id tag."""
     from mlflow.entities import ViewType
 
-    exps = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    exps = [
+        e.experiment_id
+        for e in client.search_experiments(view_type=ViewType.ALL)
+        if experiments is None or e.name in experiments
+    ]
+    if not exps:
+        return {}
     out: dict[str, Any] = {}
     for run in client.search_runs(exps, run_view_type=ViewType.ALL, max_results=5000):
         rid = run.data.tags.get("syncd.record_id")
@@ -79,10 +85,10 @@ def artifact_files(client: Any, run_id: str, path: str | None = None) -> list[st
     return sorted(out)
 
 
-def snapshot(client: Any) -> dict[str, Any]:
+def snapshot(client: Any, experiments: list[str] | None = None) -> dict[str, Any]:
     """Everything a user would compare between two syncs of the same records."""
     state: dict[str, Any] = {}
-    for rid, run in runs_by_record(client).items():
+    for rid, run in runs_by_record(client, experiments).items():
         rid_state = {
             "run_id": run.info.run_id,
             "status": run.info.status,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -126,13 +127,19 @@ def open_ledger(settings: Settings, *, read_only: bool = False) -> Ledger | None
         path = settings.state_dir / "ledger.db"
         if read_only and not path.exists():
             return None
+        folder = settings.state_dir
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"state_dir {folder} is not a directory (a file is in the way)")
         try:
-            created = not settings.state_dir.exists()
-            settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            created = not folder.exists()
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             if created:  # mkdir's mode is filtered by the umask
-                settings.state_dir.chmod(0o700)
+                folder.chmod(0o700)
         except OSError as exc:
-            raise ConfigError(f"state_dir {settings.state_dir}: {exc.strerror}") from exc
+            raise ConfigError(f"state_dir {folder}: cannot create it: {exc.strerror}") from exc
+        if not read_only and not os.access(folder, os.W_OK | os.X_OK):
+            # also true for root on a read-only file system (EROFS)
+            raise ConfigError(f"state_dir {folder} is not writable (a read-only file system?)")
     return Ledger(url, sink_key(settings.tracking_uri))
 
 

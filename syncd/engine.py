@@ -540,8 +540,10 @@ class Engine:
         experiment_of = getattr(self.sink, "experiment_id", None)
         if self._lease is None or find_run is None or experiment_of is None:
             return None
-        experiment_id = str(experiment_of(spec.experiment))
-        existing = find_run(experiment_id, spec.record_id)
+        calls = getattr(self.sink, "calls", None)  # a SQLite store's lock, when it has one
+        with calls.serialised() if calls is not None else contextlib.nullcontext():
+            experiment_id = str(experiment_of(spec.experiment))
+            existing = find_run(experiment_id, spec.record_id)
         if existing is None:
             return None
         if existing.info.lifecycle_stage != "active":

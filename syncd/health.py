@@ -108,6 +108,7 @@ class HealthState:
 
     heartbeat: float = field(default_factory=time.monotonic)
     ledger_open: bool = False
+    ledger_error: str | None = None  # the last ledger failure, until a sync gets through
     sink_up: bool = False
     sink_error: str | None = None
     backlog_records: int = 0
@@ -186,6 +187,8 @@ class HealthServer:
         _, reasons = self.live(body)
         if not body["ledger_open"]:
             reasons.append("ledger is not open")
+        if body.get("ledger_error"):
+            reasons.append(f"ledger failing: {body['ledger_error']}")
         if not body["sink_up"]:
             reasons.append(f"MLflow unreachable: {body['sink_error'] or 'not checked yet'}")
         if body["backlog_events"] > self.max_backlog:

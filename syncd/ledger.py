@@ -252,7 +252,7 @@ class Ledger:
             self.engine: Engine = _create_engine(url)
             self._migrate()
         except sa.exc.SQLAlchemyError as exc:
-            raise LedgerError(f"cannot open the ledger at {_safe_url(url)}: {exc}") from exc
+            raise LedgerError(_failure("cannot open the ledger", url, exc)) from exc
 
     def close(self) -> None:
         self.engine.dispose()
@@ -263,7 +263,7 @@ class Ledger:
             with self.engine.connect() as conn:
                 yield conn
         except sa.exc.SQLAlchemyError as exc:
-            raise LedgerError(f"ledger read failed: {_short_error(exc)}") from exc
+            raise LedgerError(_failure("ledger read failed", self.url, exc)) from exc
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
@@ -271,7 +271,7 @@ class Ledger:
             with self.engine.begin() as conn:
                 yield conn
         except sa.exc.SQLAlchemyError as exc:
-            raise LedgerError(f"ledger write failed: {_short_error(exc)}") from exc
+            raise LedgerError(_failure("ledger write failed", self.url, exc)) from exc
 
     def _migrate(self) -> None:
         """Bring the schema to this syncd's head with alembic, one process at a time.
@@ -837,8 +837,12 @@ def _migration_lock(engine: Engine) -> Iterator[None]:
         yield
         return
     lock_path = Path(database).with_name(Path(database).name + ".migrate-lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise LedgerError(
+            f"cannot open the ledger at {database}: {exc.strerror or exc} ({lock_path})"
+        ) from exc
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -861,6 +865,40 @@ def _short_error(exc: BaseException) -> str:
     """The database's own message, without SQLAlchemy's statement dump."""
     orig = getattr(exc, "orig", None)
     return f"{type(orig or exc).__name__}: {orig or exc}"
+
+
+_CORRUPT = ("file is not a database", "database disk image is malformed")
+_UNWRITABLE = (
+    "disk I/O error",
+    "database or disk is full",
+    "attempt to write a readonly database",
+    "unable to open database file",
+)
+
+
+def _failure(what: str, url: str, exc: BaseException) -> str:
+    """One line naming the ledger, the database's reason and, when known, the way out."""
+    name = _ledger_name(url)
+    reason = _short_error(exc).splitlines()[0]
+    if any(marker in reason for marker in _CORRUPT):
+        return (
+            f"the ledger {name} is corrupt ({reason}); delete it and run again:"
+            " runs are adopted by their syncd.record_id tag"
+        )
+    if any(marker in reason for marker in _UNWRITABLE):
+        return f"{what}: {name}: {reason} (is its folder full or read-only?)"
+    return f"{what}: {name}: {reason}"
+
+
+def _ledger_name(url: str) -> str:
+    """The file of a SQLite ledger, else the URL without its password."""
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        return "<invalid URL>"
+    if parsed.get_backend_name() == "sqlite" and parsed.database:
+        return parsed.database
+    return _safe_url(url)
 
 
 def _safe_url(url: str) -> str:

@@ -383,8 +383,9 @@ class Daemon:
             log.error("ledger_failed", file=str(path), error=redact_text(str(exc))[:500])
             self.backlog.add(path, since)
             if not halted:
-                self._back_off(str(exc))
+                self._back_off(str(exc), ledger=True)
             return False
+        self._ledger_ok()
         self._account(path, outcome, time.perf_counter() - started)
         if outcome.retry_later:
             self.backlog.add(path, since)
@@ -458,15 +459,34 @@ class Daemon:
             self.state.sink_up = True
             self.state.sink_error = None
 
-    def _back_off(self, reason: str) -> None:
+    def _back_off(self, reason: str, *, ledger: bool = False) -> None:
+        """Wait before the next sync; ``ledger``: the ledger failed (full, read-only)."""
         self.backoff = min(MAX_BACKOFF, max(0.5, self.backoff * 2))
         delay = random.uniform(self.backoff / 2, self.backoff)
         self.retry_at = time.monotonic() + delay
-        self.metrics.sink_up.set(0)
         with self.state_lock:
-            self.state.sink_up = False
-            self.state.sink_error = redact_text(reason)[:300]
-        log.warning("sink_backoff", retry_in_s=round(delay, 2), reason=redact_text(reason)[:300])
+            if ledger:
+                self.state.ledger_error = redact_text(reason)[:300]
+            else:
+                self.state.sink_up = False
+                self.state.sink_error = redact_text(reason)[:300]
+        if not ledger:
+            self.metrics.sink_up.set(0)
+        log.warning(
+            "ledger_backoff" if ledger else "sink_backoff",
+            retry_in_s=round(delay, 2),
+            reason=redact_text(reason)[:300],
+        )
+
+    def _ledger_ok(self) -> None:
+        """A sync got through the ledger: a ledger failure is over."""
+        with self.state_lock:
+            failed = self.state.ledger_error is not None
+            self.state.ledger_error = None
+        if failed:
+            log.info("ledger_recovered")
+            if self.state.sink_up:
+                self.backoff = 0.0
 
     def _check_sink(self) -> None:
         assert self.sink is not None

@@ -150,7 +150,7 @@ class EngineModel(RuleBasedStateMachine):
         self.ledger = FaultyLedger(f"sqlite:///{self.dir / 'ledger.db'}", self.uri)
         self.sink = MlflowSink(self.uri, retry=RetryPolicy(attempts=1, base_delay=0.0))
         self.client = FaultyClient(self.sink.client)
-        self.sink._client = self.client  # type: ignore[assignment]
+        self.sink.calls._client = self.client  # type: ignore[assignment]
         self.engine = Engine(self.ledger, self.sink, backoff=RetryBackoff(base=0.0, cap=0.0))
 
     def _sync(self) -> None:

@@ -1,0 +1,673 @@
+"""Fault injection with real processes: SIGKILLed syncd, a killed MLflow server, a full or
+unusable state dir, a corrupt ledger, records replaced under the daemon's feet.
+
+Every kill point comes from one seeded RNG (``SYNCD_FAULT_SEED``; the seed is in every
+failure message). Kills fire on observable progress (ledger rows, MLflow metric rows,
+artifact bytes) or at a time offset drawn from the RNG; nothing waits on a fixed sleep.
+After the faults a clean ``syncd backfill`` must leave the mirror exact: one run per
+record_id, exact metric point counts per key, params, tags, status and artifact bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import sqlite3
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from daemon_helpers import SYNCD, free_port, run_syncd
+from helpers import line, runs_by_record
+
+pytestmark = pytest.mark.slow
+
+SEED = int(os.environ.get("SYNCD_FAULT_SEED") or 20251201)
+KILLS_PLANNED = {"store": 3, "checkpoint": 7, "artifacts": 5, "long_record": 5}
+
+
+@contextmanager
+def seeded(name: str) -> Iterator[random.Random]:
+    """The scenario's RNG; any failure names the seed that reproduces it."""
+    print(f"fault injection {name}: seed {SEED} (SYNCD_FAULT_SEED={SEED} reproduces it)")
+    try:
+        yield random.Random(f"{SEED}:{name}")
+    except AssertionError as exc:
+        raise AssertionError(f"[{name}, seed {SEED}: SYNCD_FAULT_SEED={SEED}] {exc}") from exc
+
+
+# -- records and what MLflow must hold for them --------------------------------------
+
+
+class Rec:
+    """A record written line by line by the test (seq and timestamps kept here)."""
+
+    def __init__(self, run_dir: Path, record_id: str, experiment: str = "faults") -> None:
+        self.dir = run_dir
+        self.path = run_dir / "run_record.jsonl"
+        self.record_id = record_id
+        self.seq = 0
+        self.step = 0
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.lines = [
+            line(0, "run_started", record_id=record_id, experiment=experiment, tags={"t": "0"})
+        ]
+
+    def add(self, etype: str, **fields: Any) -> None:
+        self.seq += 1
+        self.lines.append(line(self.seq, etype, **fields))
+
+    def metrics(self, steps: int, keys: tuple[str, ...] = ("loss", "acc")) -> None:
+        for _ in range(steps):
+            value = 1.0 / (self.step + 1)
+            self.add("metrics", step=self.step, metrics=dict.fromkeys(keys, value))
+            self.step += 1
+
+    def artifact(self, name: str, data: bytes, artifact_path: str | None = None) -> None:
+        (self.dir / name).write_bytes(data)
+        extra = {"artifact_path": artifact_path} if artifact_path else {}
+        self.add("artifact", path=name, **extra)
+
+    def text(self, start: int = 0) -> str:
+        return "".join(self.lines[start:])
+
+    def flush(self) -> None:
+        """Append the lines the file does not hold yet."""
+        have = self.path.read_text().count("\n") if self.path.exists() else 0
+        with self.path.open("a") as fh:
+            fh.write(self.text(have))
+
+
+@dataclass
+class Expect:
+    params: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    points: Counter[str] = field(default_factory=Counter)
+    status: str = "RUNNING"
+    artifacts: dict[str, bytes] = field(default_factory=dict)
+
+
+def expected_from_files(*roots: Path) -> dict[str, Expect]:
+    """What MLflow must hold: read from the complete lines of the final record files."""
+    out: dict[str, Expect] = {}
+    for root in roots:
+        for path in sorted(root.rglob("run_record.jsonl")):
+            text = path.read_text()
+            complete = text[: text.rfind("\n") + 1]
+            exp = Expect()
+            rid = None
+            for raw in complete.splitlines():
+                ev = json.loads(raw)
+                kind = ev["type"]
+                if kind == "run_started":
+                    rid = ev["record_id"]
+                    exp.tags.update(ev.get("tags", {}))
+                elif kind == "params":
+                    exp.params.update({k: str(v) for k, v in ev["params"].items()})
+                elif kind == "tags":
+                    exp.tags.update(ev["tags"])
+                elif kind == "metrics":
+                    exp.points.update(ev["metrics"].keys())
+                elif kind == "artifact":
+                    name = Path(ev["path"]).name
+                    key = f"{ev['artifact_path']}/{name}" if ev.get("artifact_path") else name
+                    exp.artifacts[key] = (path.parent / ev["path"]).read_bytes()
+                elif kind == "run_finished":
+                    exp.status = ev["status"]
+                elif kind == "run_resumed":
+                    exp.status = "RUNNING"
+            assert rid is not None, f"{path} has no run_started"
+            out[rid] = exp
+    return out
+
+
+def mirror_problems(client: Any, expected: dict[str, Expect], workdir: Path) -> list[str]:
+    """Every difference between MLflow and ``expected`` (empty: the mirror is exact)."""
+    runs = runs_by_record(client)  # raises on a duplicate run for a record_id
+    problems = []
+    for rid, exp in expected.items():
+        run = runs.get(rid)
+        if run is None:
+            problems.append(f"{rid}: no run")
+            continue
+        run_id = run.info.run_id
+        if dict(run.data.params) != exp.params:
+            problems.append(f"{rid}: params {dict(run.data.params)} != {exp.params}")
+        tags = {k: run.data.tags.get(k) for k in exp.tags}
+        if tags != exp.tags:
+            problems.append(f"{rid}: tags {tags} != {exp.tags}")
+        if run.info.status != exp.status:
+            problems.append(f"{rid}: status {run.info.status} != {exp.status}")
+        if set(run.data.metrics) != set(exp.points):
+            problems.append(
+                f"{rid}: metric keys {sorted(run.data.metrics)} != {sorted(exp.points)}"
+            )
+        for key, count in exp.points.items():
+            points = client.get_metric_history(run_id, key)
+            steps = Counter(p.step for p in points)
+            if len(points) != count or len(steps) != count:
+                problems.append(
+                    f"{rid}: {key} has {len(points)} points ({len(steps)} steps), not {count}"
+                )
+        for key, data in exp.artifacts.items():
+            dst = workdir / "downloads" / run_id
+            shutil.rmtree(dst, ignore_errors=True)
+            dst.mkdir(parents=True)
+            try:
+                got = Path(client.download_artifacts(run_id, key, str(dst))).read_bytes()
+            except Exception as exc:
+                problems.append(f"{rid}: artifact {key}: {exc}")
+                continue
+            if hashlib.sha256(got).digest() != hashlib.sha256(data).digest():
+                problems.append(f"{rid}: artifact {key}: {len(got)} bytes, not the {len(data)}")
+    return problems
+
+
+def assert_exact(client: Any, expected: dict[str, Expect], workdir: Path) -> None:
+    problems = mirror_problems(client, expected, workdir)
+    assert not problems, "the mirror is not exact:\n" + "\n".join(problems[:20])
+
+
+# -- observing and killing processes -------------------------------------------------
+
+
+def sql_count(db: Path, query: str) -> int:
+    """A read-only count from a SQLite file that another process writes; 0 if not there yet."""
+    if not db.exists():
+        return 0
+    try:
+        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.5)) as conn:
+            return int(conn.execute(query).fetchone()[0])
+    except sqlite3.Error:
+        return 0
+
+
+def ledger_events(state: Path) -> int:
+    return sql_count(state / "ledger.db", "SELECT count(*) FROM syncd_sync_events")
+
+
+def metric_rows(store: Path) -> int:
+    return sql_count(store, "SELECT count(*) FROM metrics")
+
+
+def tree_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
+
+
+def torn_files(folder: Path, sizes: set[int]) -> list[Path]:
+    """Artifact files whose size is none of the sources': caught half-written."""
+    if not folder.exists():
+        return []
+    torn = []
+    for path in folder.rglob("*.bin"):
+        try:
+            if path.stat().st_size not in sizes:
+                torn.append(path)
+        except FileNotFoundError:
+            continue
+    return torn
+
+
+def syncd_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("SYNCD_", "MLFLOW_TRACKING"))}
+
+
+def spawn(kind: str, root: Path, uri: str, state: Path, log: Path) -> subprocess.Popen[bytes]:
+    """``syncd backfill`` or ``syncd run`` in the background, its output kept in ``log``."""
+    args = [SYNCD, kind, str(root), "--tracking-uri", uri, "--state-dir", str(state)]
+    if kind == "run":
+        args += ["--health-addr", f"127.0.0.1:{free_port()}"]
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [*args, "--log-format", "json"],
+            cwd=log.parent,
+            env=syncd_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+@dataclass
+class KillLog:
+    """Every kill delivered: where, how it was triggered, and what it left behind."""
+
+    kills: list[dict[str, Any]] = field(default_factory=list)
+
+    def count(self, category: str) -> int:
+        return sum(1 for k in self.kills if k["category"] == category)
+
+
+KILLS = KillLog()
+
+
+def kill_when(
+    proc: subprocess.Popen[bytes],
+    progress: Callable[[], int],
+    target: int,
+    after_s: float,
+    *,
+    not_before: Callable[[], bool] = lambda: True,
+) -> dict[str, Any] | None:
+    """SIGKILL ``proc`` once ``progress() >= target`` or ``after_s`` seconds passed (both
+    drawn from the RNG by the caller), counted from when ``not_before()`` first holds.
+    None when the process ended by itself first (the kill missed)."""
+    started = time.monotonic()
+    armed: float | None = None
+    while proc.poll() is None:
+        now = time.monotonic()
+        if armed is None and not_before():
+            armed = now
+        if armed is not None:
+            seen = progress()
+            if seen >= target or now - armed >= after_s:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                trigger = "progress" if seen >= target else "time"
+                return {"trigger": trigger, "at_s": round(now - started, 2), "progress": seen}
+        if now - started > 120:
+            proc.kill()
+            proc.wait()
+            raise AssertionError("a syncd process neither progressed nor ended in 120 s")
+        time.sleep(0.005)
+    return None
+
+
+def clean_backfill(root: Path, uri: str, state: Path, cwd: Path) -> None:
+    done = run_syncd(
+        "backfill", str(root), "--tracking-uri", uri, "--state-dir", str(state), cwd=cwd
+    )
+    assert done.returncode == 0, (
+        f"clean backfill failed ({done.returncode}):\n{done.stderr[-3000:]}"
+    )
+
+
+def verify_if_available(root: Path, uri: str, state: Path, cwd: Path) -> None:
+    """``syncd verify`` agrees, where this syncd has the command."""
+    if run_syncd("verify", "--help", cwd=cwd).returncode != 0:
+        return
+    done = run_syncd("verify", str(root), "--tracking-uri", uri, "--state-dir", str(state), cwd=cwd)
+    assert done.returncode == 0, f"syncd verify: {done.returncode}\n{done.stdout}\n{done.stderr}"
+
+
+def fresh_store(template: Path, folder: Path) -> tuple[Path, str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    store = folder / "mlflow.db"
+    shutil.copy(template, store)
+    return store, f"sqlite:///{store}"
+
+
+def mlflow_ahead_of_ledger(store: Path, state: Path, recs: dict[str, Rec]) -> int:
+    """Records whose MLflow rows go past the ledger's checkpoint: the kill fell between a
+    write and its checkpoint (a run created but not bound, or points not acknowledged)."""
+    if not (state / "ledger.db").exists():
+        return 0
+    with closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=5)) as mlf:
+        run_of = dict(
+            mlf.execute("SELECT value, run_uuid FROM tags WHERE key = 'syncd.record_id'").fetchall()
+        )
+        points = Counter(
+            dict(mlf.execute("SELECT run_uuid, count(*) FROM metrics GROUP BY run_uuid").fetchall())
+        )
+    with closing(sqlite3.connect(f"file:{state / 'ledger.db'}?mode=ro", uri=True)) as led:
+        bound = {r for (r,) in led.execute("SELECT record_id FROM syncd_runs").fetchall()}
+        seqs = dict(led.execute("SELECT record_id, seq FROM syncd_records").fetchall())
+    ahead = 0
+    for rid, run_uuid in run_of.items():
+        rec = recs.get(rid)
+        if rec is None:
+            continue
+        acked = sum(
+            len(json.loads(raw)["metrics"])
+            for raw in rec.lines[1 : max(0, seqs.get(rid, -1)) + 1]
+            if '"type":"metrics"' in raw
+        )
+        if rid not in bound or points[run_uuid] > acked:
+            ahead += 1
+    return ahead
+
+
+# -- 1. SIGKILLs of syncd backfill and syncd run ----------------------------------
+
+
+def test_kills_during_store_creation(workdir: Path, mlflow_template: Path) -> None:
+    """Killed while first touching a store: experiments, the artifact root, first runs.
+
+    The stores are copies of a migrated template: a SIGKILL during MLflow's own first
+    migration of a new SQLite file leaves a half-made store that every later run fails
+    on ("table registered_models already exists", "duplicate column name:
+    storage_location"): tracked separately (atomic store creation).
+    """
+    with seeded("store") as rng:
+        root = workdir / "runs"
+        recs = {}
+        for i in range(6):
+            rec = Rec(root / f"r{i}", f"store-{i}", experiment=f"exp-{i % 3}")
+            rec.add("params", params={"lr": f"0.{i}", "depth": str(i)})
+            rec.metrics(rng.randint(5, 40))
+            rec.artifact("model.bin", rng.randbytes(rng.randint(50_000, 400_000)), "model")
+            rec.add("run_finished", status=rng.choice(["FINISHED", "FAILED"]))
+            rec.flush()
+            recs[rec.record_id] = rec
+        stores = []
+        for i in range(KILLS_PLANNED["store"]):
+            store, uri = fresh_store(mlflow_template, workdir / f"store{i}")
+            state = workdir / f"state{i}"
+            for _attempt in range(3):
+                kind = rng.choice(["backfill", "run"])
+                proc = spawn(kind, root, uri, state, workdir / f"store{i}.log")
+                lock = store.with_name("mlflow.db.syncd-lock")  # the first write to the store
+                kill = kill_when(
+                    proc,
+                    lambda store=store: metric_rows(store),  # type: ignore[misc]
+                    rng.randint(1, 200),
+                    rng.uniform(0.0, 1.0),
+                    not_before=lock.exists,
+                )
+                if kill is not None:
+                    KILLS.kills.append({"category": "store", "kind": kind, **kill})
+                    break
+            stores.append((store, uri, state))
+        assert KILLS.count("store") >= KILLS_PLANNED["store"], KILLS.kills
+
+        from mlflow.tracking import MlflowClient
+
+        expected = expected_from_files(root)
+        for _store, uri, state in stores:
+            clean_backfill(root, uri, state, workdir)
+            assert_exact(MlflowClient(uri), expected, workdir)
+            verify_if_available(root, uri, state, workdir)
+        print("store kills:", [k for k in KILLS.kills if k["category"] == "store"])
+
+
+def test_kills_between_writes_and_checkpoints(workdir: Path, tracking_uri: str) -> None:
+    """Many small records, growing between kills: kills land right after a checkpoint,
+    with the next record's writes in flight."""
+    store = Path(tracking_uri.removeprefix("sqlite:///"))
+    state = workdir / "state"
+    with seeded("checkpoint") as rng:
+        root = workdir / "runs"
+        recs: dict[str, Rec] = {}
+
+        def new_record() -> None:
+            rec = Rec(root / f"r{len(recs):03d}", f"ckpt-{len(recs)}")
+            rec.add("params", params={"lr": str(rng.random()), "seed": str(len(recs))})
+            rec.metrics(rng.randint(3, 30), keys=("loss", "acc", "auc"))
+            rec.add("tags", tags={"phase": "train"})
+            rec.flush()
+            recs[rec.record_id] = rec
+
+        for _ in range(30):
+            new_record()
+        ahead = 0
+        attempts = 0
+        while KILLS.count("checkpoint") < KILLS_PLANNED["checkpoint"] and attempts < 20:
+            attempts += 1
+            kind = rng.choice(["backfill", "run"])
+            before = ledger_events(state)
+            proc = spawn(kind, root, tracking_uri, state, workdir / "syncd.log")
+            kill = kill_when(
+                proc,
+                lambda: ledger_events(state),
+                before + rng.randint(1, 25),
+                rng.uniform(0.0, 2.0),
+                not_before=lambda: ledger_events(state) > before,  # noqa: B023 (this process committed)
+            )
+            if kill is not None:
+                hit = mlflow_ahead_of_ledger(store, state, recs)
+                ahead += hit
+                KILLS.kills.append({"category": "checkpoint", "kind": kind, "ahead": hit, **kill})
+            # the records grow between kills: new records, more points, some finish
+            for _ in range(rng.randint(1, 3)):
+                new_record()
+            for rec in rng.sample(list(recs.values()), 4):
+                if not rec.lines[-1].count('"run_finished"'):
+                    rec.metrics(rng.randint(1, 10), keys=("loss", "acc", "auc"))
+                    if rng.random() < 0.3:
+                        rec.add("run_finished", status="FINISHED")
+                    rec.flush()
+        assert KILLS.count("checkpoint") >= KILLS_PLANNED["checkpoint"], KILLS.kills
+
+        from mlflow.tracking import MlflowClient
+
+        clean_backfill(root, tracking_uri, state, workdir)
+        assert_exact(MlflowClient(tracking_uri), expected_from_files(root), workdir)
+        verify_if_available(root, tracking_uri, state, workdir)
+        print(
+            f"checkpoint kills: {KILLS.count('checkpoint')}, leaving MLflow ahead of the"
+            f" ledger in {ahead} records:",
+            [k for k in KILLS.kills if k["category"] == "checkpoint"],
+        )
+
+
+def test_kills_during_artifact_uploads(workdir: Path, tracking_uri: str) -> None:
+    """Records with artifacts of a few MB: kills fire as artifact bytes land."""
+    store = Path(tracking_uri.removeprefix("sqlite:///"))
+    state = workdir / "state"
+    uploaded = store.parent / "mlartifacts"
+    with seeded("artifacts") as rng:
+        root = workdir / "runs"
+        sizes = set()
+        for i in range(5):
+            rec = Rec(root / f"a{i}", f"art-{i}")
+            rec.metrics(3)
+            for j in range(2):
+                data = rng.randbytes(rng.randint(1_500_000, 4_000_000))
+                sizes.add(len(data))
+                rec.artifact(f"blob{j}.bin", data, artifact_path="blobs" if j else None)
+            rec.add("run_finished", status="FINISHED")
+            rec.flush()
+        total = sum(sizes)
+        partial = 0
+        attempts = 0
+        while KILLS.count("artifacts") < KILLS_PLANNED["artifacts"] and attempts < 15:
+            attempts += 1
+            kind = rng.choice(["backfill", "run"])
+            have = tree_bytes(uploaded)
+            before = ledger_events(state)
+            goal = have + rng.randint(1, max(1, (total - have) // 2))
+            proc = spawn(kind, root, tracking_uri, state, workdir / "syncd.log")
+            kill = kill_when(
+                proc,
+                # a file caught half-copied fires at once; else enough new bytes
+                lambda: goal if torn_files(uploaded, sizes) else tree_bytes(uploaded),  # noqa: B023
+                goal,
+                rng.uniform(0.0, 1.5),
+                not_before=lambda: ledger_events(state) > before,  # noqa: B023
+            )
+            if kill is not None:
+                torn = torn_files(uploaded, sizes)
+                partial += len(torn)
+                KILLS.kills.append(
+                    {"category": "artifacts", "kind": kind, "torn": len(torn), **kill}
+                )
+        assert KILLS.count("artifacts") >= KILLS_PLANNED["artifacts"], KILLS.kills
+
+        from mlflow.tracking import MlflowClient
+
+        clean_backfill(root, tracking_uri, state, workdir)
+        assert_exact(MlflowClient(tracking_uri), expected_from_files(root), workdir)
+        verify_if_available(root, tracking_uri, state, workdir)
+        print(
+            f"artifact kills: {KILLS.count('artifacts')}, torn artifact files seen right"
+            f" after a kill: {partial}:",
+            [k for k in KILLS.kills if k["category"] == "artifacts"],
+        )
+
+
+def test_kills_in_the_middle_of_a_long_record(workdir: Path, tracking_uri: str) -> None:
+    """40,000 metric points in one record: kills fire on MLflow's metric row count."""
+    store = Path(tracking_uri.removeprefix("sqlite:///"))
+    state = workdir / "state"
+    with seeded("long_record") as rng:
+        root = workdir / "runs"
+        rec = Rec(root / "long", "long-1")
+        rec.add("params", params={"epochs": "20000"})
+        rec.metrics(20_000)  # two keys: 40,000 points
+        rec.add("run_finished", status="FINISHED")
+        rec.flush()
+        total = 40_000
+        attempts = 0
+        while KILLS.count("long_record") < KILLS_PLANNED["long_record"] and attempts < 15:
+            attempts += 1
+            kind = rng.choice(["backfill", "run"])
+            have = metric_rows(store)
+            proc = spawn(kind, root, tracking_uri, state, workdir / "syncd.log")
+            kill = kill_when(
+                proc,
+                lambda: metric_rows(store),
+                have + rng.randint(1, max(1, (total - have) // 3)),
+                rng.uniform(0.0, 3.0),
+                not_before=lambda: metric_rows(store) > have,  # noqa: B023
+            )
+            if kill is not None:
+                KILLS.kills.append({"category": "long_record", "kind": kind, **kill})
+        assert KILLS.count("long_record") >= KILLS_PLANNED["long_record"], KILLS.kills
+
+        from mlflow.tracking import MlflowClient
+
+        clean_backfill(root, tracking_uri, state, workdir)
+        assert_exact(MlflowClient(tracking_uri), expected_from_files(root), workdir)
+        verify_if_available(root, tracking_uri, state, workdir)
+        print("long record kills:", [k for k in KILLS.kills if k["category"] == "long_record"])
+
+
+# -- 3. the state dir unusable or full; 4. the ledger corrupt -------------------------
+
+
+def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
+    """The single ``syncd: ...`` line a failed command printed, with no traceback."""
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = [x for x in done.stderr.splitlines() if x.startswith("syncd: ")]
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+def small_records(root: Path, prefix: str, count: int, rng: random.Random) -> None:
+    for i in range(count):
+        rec = Rec(root / f"{prefix}{i}", f"{prefix}-{i}")
+        rec.add("params", params={"i": str(i)})
+        rec.metrics(rng.randint(2, 20))
+        rec.artifact("notes.txt", rng.randbytes(2000))
+        rec.add("run_finished", status="FINISHED")
+        rec.flush()
+
+
+def test_state_dir_that_is_a_file_is_a_clear_error(workdir: Path, tracking_uri: str) -> None:
+    """A regular file where the state dir should be: fails for root too (ENOTDIR)."""
+    from mlflow.tracking import MlflowClient
+
+    with seeded("state_file") as rng:
+        root = workdir / "runs"
+        small_records(root, "sf", 3, rng)
+        state = workdir / "state"
+        state.write_text("not a folder\n")
+        done = run_syncd(
+            "backfill",
+            str(root),
+            "--tracking-uri",
+            tracking_uri,
+            "--state-dir",
+            str(state),
+            cwd=workdir,
+        )
+        assert done.returncode == 2
+        message = one_line_error(done)
+        assert str(state) in message and "not a directory" in message, message
+        assert runs_by_record(MlflowClient(tracking_uri)) == {}  # nothing written
+
+        state.unlink()  # the condition lifted
+        clean_backfill(root, tracking_uri, state, workdir)
+        assert_exact(MlflowClient(tracking_uri), expected_from_files(root), workdir)
+
+
+def _no_room_for_files() -> None:
+    """In the child: every file write fails with EFBIG (RLIMIT_FSIZE 0), as on a full disk."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+
+
+def test_full_state_dir_fails_clearly_and_a_later_backfill_is_exact(
+    workdir: Path, tracking_uri: str
+) -> None:
+    """No byte can be written (RLIMIT_FSIZE 0 in the child, SIGXFSZ ignored: EFBIG)."""
+    from mlflow.tracking import MlflowClient
+
+    with seeded("state_full") as rng:
+        root = workdir / "runs"
+        small_records(root, "full", 4, rng)
+        state = workdir / "state"
+        done = subprocess.run(
+            [
+                SYNCD,
+                "backfill",
+                str(root),
+                "--tracking-uri",
+                tracking_uri,
+                "--state-dir",
+                str(state),
+            ],
+            cwd=workdir,
+            env=syncd_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            preexec_fn=_no_room_for_files,
+            check=False,
+        )
+        assert done.returncode != 0
+        message = one_line_error(done)
+        assert str(state / "ledger.db") in message and "full or read-only" in message, message
+        assert runs_by_record(MlflowClient(tracking_uri)) == {}
+
+        clean_backfill(root, tracking_uri, state, workdir)  # the limit lifted
+        assert_exact(MlflowClient(tracking_uri), expected_from_files(root), workdir)
+
+
+def test_corrupt_ledger_names_the_file_and_the_way_out(workdir: Path, tracking_uri: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    with seeded("ledger_corrupt") as rng:
+        root = workdir / "runs"
+        small_records(root, "lc", 4, rng)
+        state = workdir / "state"
+        clean_backfill(root, tracking_uri, state, workdir)
+        client = MlflowClient(tracking_uri)
+        run_ids = {rid: run.info.run_id for rid, run in runs_by_record(client).items()}
+        ledger = state / "ledger.db"
+        with ledger.open("r+b") as fh:  # the first pages overwritten with garbage
+            fh.write(rng.randbytes(rng.randint(2, 4) * 4096))
+
+        done = run_syncd(
+            "backfill",
+            str(root),
+            "--tracking-uri",
+            tracking_uri,
+            "--state-dir",
+            str(state),
+            cwd=workdir,
+        )
+        assert done.returncode == 1
+        message = one_line_error(done)
+        assert str(ledger) in message and "corrupt" in message, message
+        assert "delete it" in message and "syncd.record_id" in message, message
+
+        for rec_dir in sorted(root.iterdir())[:2]:  # the records grew meanwhile
+            with (rec_dir / "run_record.jsonl").open("a") as fh:
+                seq = (rec_dir / "run_record.jsonl").read_text().count("\n")
+                fh.write(line(seq, "tags", tags={"after": "corruption"}))
+        ledger.unlink()
+        clean_backfill(root, tracking_uri, state, workdir)
+        assert_exact(client, expected_from_files(root), workdir)
+        adopted = {rid: run.info.run_id for rid, run in runs_by_record(client).items()}
+        assert adopted == run_ids  # every run adopted by its syncd.record_id, none duplicated

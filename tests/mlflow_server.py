@@ -26,8 +26,13 @@ MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 class MlflowServerProcess:
     """``mlflow server`` with served artifacts on a free loopback port, in its own process group."""
 
-    def __init__(self, folder: Path, template: Path | None = None) -> None:
+    def __init__(
+        self, folder: Path, template: Path | None = None, backend_store_uri: str | None = None
+    ) -> None:
+        """A SQLite store in ``folder`` (cloned from ``template``), or ``backend_store_uri``
+        (a PostgreSQL database: MLflow migrates it on start)."""
         self.folder = folder
+        self.backend_store_uri = backend_store_uri
         self.db = folder / "mlflow.db"
         self.artifacts = folder / "artifacts"
         self.log_path = folder / "mlflow-server.log"
@@ -41,7 +46,7 @@ class MlflowServerProcess:
 
     def start(self, timeout: float = 120.0) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        if self.template is not None and not self.db.exists():
+        if self.backend_store_uri is None and self.template is not None and not self.db.exists():
             shutil.copy(self.template, self.db)  # migrations already applied: starts faster
         self.artifacts.mkdir(exist_ok=True)
         with self.log_path.open("ab") as log:
@@ -50,7 +55,7 @@ class MlflowServerProcess:
                     MLFLOW,
                     "server",
                     "--backend-store-uri",
-                    f"sqlite:///{self.db}",
+                    self.backend_store_uri or f"sqlite:///{self.db}",
                     "--serve-artifacts",
                     "--artifacts-destination",
                     str(self.artifacts),

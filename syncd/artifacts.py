@@ -277,10 +277,18 @@ def staged(upload: ResolvedArtifact, area: Path | None = None) -> Iterator[tuple
 
 
 def clean_stale_stages(area: Path | None = None) -> int:
-    """Remove staging folders left by processes that died (a SIGKILL mid-upload)."""
-    base = Path(area or tempfile.gettempdir())
+    """Remove staging folders left by processes that died (a SIGKILL mid-upload).
+
+    Best effort: a temporary folder that cannot be listed (or a full disk, which
+    makes ``tempfile`` find no usable folder) is left for the next start.
+    """
+    try:
+        base = Path(area or tempfile.gettempdir())
+        folders = list(base.glob(f"{STAGE_PREFIX}*"))
+    except OSError:
+        return 0
     removed = 0
-    for folder in base.glob(f"{STAGE_PREFIX}*"):
+    for folder in folders:
         pid = folder.name[len(STAGE_PREFIX) :].split("-", 1)[0]
         if not pid.isdigit() or _alive(int(pid)):
             continue

@@ -19,6 +19,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -28,8 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_helpers import SYNCD, free_port, run_syncd
+from daemon_helpers import SYNCD, SyncdProcess, free_port, run_syncd, wait_for
 from helpers import line, runs_by_record
+from mlflow_server import MlflowServerProcess
+
+from syncd import RunRecorder
 
 pytestmark = pytest.mark.slow
 
@@ -132,9 +136,11 @@ def expected_from_files(*roots: Path) -> dict[str, Expect]:
     return out
 
 
-def mirror_problems(client: Any, expected: dict[str, Expect], workdir: Path) -> list[str]:
+def mirror_problems(
+    client: Any, expected: dict[str, Expect], workdir: Path, experiments: list[str] | None = None
+) -> list[str]:
     """Every difference between MLflow and ``expected`` (empty: the mirror is exact)."""
-    runs = runs_by_record(client)  # raises on a duplicate run for a record_id
+    runs = runs_by_record(client, experiments)  # raises on a duplicate run for a record_id
     problems = []
     for rid, exp in expected.items():
         run = runs.get(rid)
@@ -174,8 +180,10 @@ def mirror_problems(client: Any, expected: dict[str, Expect], workdir: Path) -> 
     return problems
 
 
-def assert_exact(client: Any, expected: dict[str, Expect], workdir: Path) -> None:
-    problems = mirror_problems(client, expected, workdir)
+def assert_exact(
+    client: Any, expected: dict[str, Expect], workdir: Path, experiments: list[str] | None = None
+) -> None:
+    problems = mirror_problems(client, expected, workdir, experiments)
     assert not problems, "the mirror is not exact:\n" + "\n".join(problems[:20])
 
 
@@ -671,3 +679,165 @@ def test_corrupt_ledger_names_the_file_and_the_way_out(workdir: Path, tracking_u
         assert_exact(client, expected_from_files(root), workdir)
         adopted = {rid: run.info.run_id for rid, run in runs_by_record(client).items()}
         assert adopted == run_ids  # every run adopted by its syncd.record_id, none duplicated
+
+
+# -- 5. faults under a running daemon: MLflow killed, the ledger failing, records rewritten --
+
+
+def wait_exact(
+    client: Any,
+    expected: dict[str, Expect],
+    workdir: Path,
+    timeout: float,
+    experiments: list[str] | None = None,
+) -> None:
+    """Poll until the mirror is exact; a duplicate run fails at once (it never goes away)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            problems = mirror_problems(client, expected, workdir, experiments)
+        except OSError as exc:  # the server not answering yet
+            problems = [f"MLflow: {exc}"]
+        if not problems:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"the mirror is not exact after {timeout}s:\n" + "\n".join(problems[:20])
+            )
+        time.sleep(0.5)
+
+
+class Appender:
+    """A training job in a thread: metrics for every recorder at a steady pace, one step at
+    a time, until stopped: the stream a fault lands in the middle of."""
+
+    def __init__(self, recorders: list[RunRecorder], every_s: float = 0.05) -> None:
+        self.recorders = recorders
+        self.every_s = every_s
+        self.step = 0
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="appender", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                for i, rec in enumerate(self.recorders):
+                    rec.log_metrics(
+                        {"loss": 1 / (self.step + 1), "acc": i + self.step / 1000}, self.step
+                    )
+                self.step += 1
+                self._stop.wait(self.every_s)  # the job's pace, not a synchronisation
+        except BaseException as exc:
+            self.error = exc
+
+    def __enter__(self) -> Appender:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        assert self.error is None, f"the appender failed: {self.error!r}"
+
+
+def readyz(syncd: SyncdProcess) -> tuple[int, list[str]]:
+    code, body = syncd.health("/readyz")
+    return code, list(body.get("reasons", []))
+
+
+def test_mlflow_server_killed_and_restarted_under_the_daemon(
+    workdir: Path, mlflow_template: Path
+) -> None:
+    """A real ``mlflow server`` (SQLite, served artifacts) is SIGKILLed, process group and
+    all, while ``syncd run`` mirrors records that keep growing; it comes back on the same
+    port and store. /readyz is 503 for as long as it is down and 200 after, the daemon
+    never exits, and every record lands exactly once; ``syncd verify`` agrees."""
+    from mlflow.tracking import MlflowClient
+
+    with seeded("server_kill") as rng:
+        server = MlflowServerProcess(workdir / "server", mlflow_template)
+        server.start()
+        syncd: SyncdProcess | None = None
+        try:
+            root = workdir / "runs"
+            state = workdir / "state"
+            recorders = []
+            for i in range(3):
+                rec = RunRecorder(root / f"job{i}", experiment="killed-server").start()
+                rec.log_params({"lr": f"0.0{i + 1}", "job": str(i)})
+                (rec.run_dir / "config.json").write_text(json.dumps({"job": i}))
+                rec.log_artifact(rec.run_dir / "config.json", artifact_path="config")
+                recorders.append(rec)
+            syncd = SyncdProcess(
+                workdir, str(root), "--tracking-uri", server.uri, "--state-dir", str(state)
+            )
+            syncd.wait_ready()
+            with Appender(recorders) as job:
+                # the kill: on the server's metric rows or a time offset, both seeded
+                target = rng.randint(30, 300)
+                after_s = rng.uniform(0.5, 3.0)
+                wait_for(lambda: metric_rows(server.db) > 0, 60, what="first points in MLflow")
+                armed = time.monotonic()
+                wait_for(
+                    lambda: metric_rows(server.db) >= target or time.monotonic() - armed > after_s,
+                    60,
+                    what="the kill point",
+                )
+                assert server.proc is not None
+                os.killpg(server.proc.pid, signal.SIGKILL)
+                server.proc.wait()
+                server.proc = None
+                killed_at = {"rows": metric_rows(server.db), "step": job.step}
+                print(
+                    f"mlflow server SIGKILLed at {killed_at} (target {target} rows, {after_s:.2f} s)"
+                )
+
+                wait_for(lambda: readyz(syncd)[0] == 503, 30, what="/readyz 503 with MLflow down")
+                codes, reasons = [], set()
+                deadline = time.monotonic() + 30
+                while job.step < killed_at["step"] + 40:  # the job goes on during the outage
+                    assert time.monotonic() < deadline, "the appender stalled"
+                    code, why = readyz(syncd)
+                    codes.append(code)
+                    reasons.update(why)
+                    assert syncd.proc.poll() is None, syncd.logs()[-5000:]
+                    time.sleep(0.1)
+                assert set(codes) == {503}, f"/readyz while MLflow was down: {Counter(codes)}"
+                assert any(r.startswith("MLflow unreachable") for r in reasons), reasons
+                assert syncd.health("/healthz")[0] == 200
+
+                server.start()  # same port, same store, same artifacts
+                wait_for(lambda: readyz(syncd)[0] == 200, 90, what="/readyz 200 after the restart")
+                steps_after = job.step
+                wait_for(lambda: job.step >= steps_after + 10, 30, what="appends after the restart")
+            for rec in recorders:
+                (rec.run_dir / "model.bin").write_bytes(rng.randbytes(rng.randint(10_000, 200_000)))
+                rec.log_artifact(rec.run_dir / "model.bin", artifact_path="model")
+                rec.finish(rng.choice(["FINISHED", "FAILED"]))
+
+            client = MlflowClient(server.uri)
+            wait_exact(client, expected_from_files(root), workdir, 90)
+            assert syncd.proc.poll() is None, "the daemon exited"
+            assert syncd.health("/readyz")[0] == 200
+            assert syncd.stop() == 0
+            done = run_syncd(
+                "verify",
+                str(root),
+                "--tracking-uri",
+                server.uri,
+                "--state-dir",
+                str(state),
+                cwd=workdir,
+            )
+            assert done.returncode == 0, (
+                f"syncd verify: {done.returncode}\n{done.stdout}\n{done.stderr}"
+            )
+        finally:
+            if syncd is not None:
+                syncd.kill()
+                print(syncd.logs()[-10000:])  # shown when the test fails
+            server.stop()

@@ -19,6 +19,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -29,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_helpers import SYNCD, SyncdProcess, free_port, run_syncd, wait_for
-from helpers import line, runs_by_record
-from mlflow_server import MlflowServerProcess
+from daemon_helpers import SYNCD, SyncdProcess, free_port, http_get, run_syncd, wait_for
+from helpers import T0, line, runs_by_record
+from mlflow_server import MlflowServerProcess, unique_experiment
 
 from syncd import RunRecorder
 
@@ -841,3 +842,173 @@ def test_mlflow_server_killed_and_restarted_under_the_daemon(
                 syncd.kill()
                 print(syncd.logs()[-10000:])  # shown when the test fails
             server.stop()
+
+
+# SIGXFSZ ignored, then the syncd script exec'd: an ignored disposition survives exec, so
+# a file size limit set later from outside makes writes fail with EFBIG instead of killing.
+_IGNORE_SIGXFSZ_AND_EXEC = (
+    "import os, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN);"
+    " os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
+class PipedDaemon:
+    """``syncd run`` whose logs come through a pipe (a file size limit on the process must
+    not silence it), started with SIGXFSZ ignored."""
+
+    def __init__(self, workdir: Path, *args: str) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _IGNORE_SIGXFSZ_AND_EXEC,
+                SYNCD,
+                "run",
+                *args,
+                "--health-addr",
+                f"127.0.0.1:{self.port}",
+                "--log-format",
+                "json",
+            ],
+            cwd=workdir,
+            env=syncd_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, name="syncd-log", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            self.lines.append(raw.decode(errors="replace"))
+
+    def health(self, path: str) -> tuple[int, dict[str, Any]]:
+        code, body = http_get(f"http://127.0.0.1:{self.port}{path}")
+        return code, json.loads(body)
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        out = []
+        for raw in list(self.lines):
+            try:
+                event = json.loads(raw)
+            except ValueError:
+                continue
+            if event.get("event") == name:
+                out.append(event)
+        return out
+
+    def alive(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"syncd exited with {self.proc.returncode}:\n{self.logs()}")
+        return True
+
+    def logs(self) -> str:
+        return "".join(self.lines)[-10000:]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(30)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self._reader.join(5)
+
+
+def test_daemon_with_a_full_state_dir_stays_up_and_recovers(
+    workdir: Path, mlflow_server: MlflowServerProcess
+) -> None:
+    """``syncd run`` whose ledger writes start failing (RLIMIT_FSIZE 0 set on the running
+    process, SIGXFSZ ignored: every file write is EFBIG, as on a full disk) while records
+    grow. MLflow is a server in another process, so only the ledger fails. /readyz turns
+    503 naming the ledger, /healthz stays 200, the daemon stays up and keeps retrying
+    (MLflow may get writes ahead of the ledger meanwhile); once the limit is lifted it
+    recovers by itself and every record lands exactly once."""
+    from mlflow.tracking import MlflowClient
+
+    with seeded("daemon_state_full") as rng:
+        experiment = unique_experiment("ledger-full")
+        root = workdir / "runs"
+        state = workdir / "state"
+        ledger = state / "ledger.db"
+        client = MlflowClient(mlflow_server.uri)
+        recorders = []
+        for i in range(2):
+            rec = RunRecorder(root / f"job{i}", experiment=experiment).start()
+            rec.log_params({"job": str(i)})
+            for step in range(rng.randint(3, 10)):
+                rec.log_metrics({"loss": 1 / (step + 1)}, step=step)
+            recorders.append(rec)
+        syncd = PipedDaemon(
+            workdir, str(root), "--tracking-uri", mlflow_server.uri, "--state-dir", str(state)
+        )
+        try:
+            wait_for(lambda: syncd.alive() and syncd.health("/readyz")[0] == 200, 60, what="ready")
+            wait_exact(client, expected_from_files(root), workdir, 60, [experiment])
+
+            soft, hard = resource.prlimit(syncd.proc.pid, resource.RLIMIT_FSIZE)
+            resource.prlimit(syncd.proc.pid, resource.RLIMIT_FSIZE, (0, hard))
+            # the jobs go on: more points, and a run born while the ledger is full
+            late = RunRecorder(root / "late", experiment=experiment).start()
+            recorders.append(late)
+            failures_before = len(syncd.events("ledger_failed"))
+            step = 100
+            healthz: list[int] = []
+
+            def ledger_failing_twice() -> bool:
+                nonlocal step
+                for rec in recorders:
+                    rec.log_metrics({"loss": 1 / step}, step=step)
+                step += 1
+                healthz.append(syncd.health("/healthz")[0])
+                syncd.alive()
+                return len(syncd.events("ledger_failed")) >= failures_before + 2
+
+            wait_for(ledger_failing_twice, 60, 0.2, "two failed ledger writes")
+            code, body = syncd.health("/readyz")
+            assert code == 503, body
+            named = [r for r in body["reasons"] if r.startswith("ledger failing")]
+            assert named and str(ledger) in named[0], body["reasons"]
+            assert "full or read-only" in named[0], named
+            assert set(healthz) == {200}, f"/healthz while the ledger failed: {Counter(healthz)}"
+            assert body["sink_up"] is True, body  # MLflow itself is fine
+
+            resource.prlimit(syncd.proc.pid, resource.RLIMIT_FSIZE, (soft, hard))  # lifted
+            wait_for(
+                lambda: syncd.alive() and syncd.health("/readyz")[0] == 200,
+                60,
+                what="/readyz 200 once the ledger can be written again",
+            )
+            assert syncd.events("ledger_recovered"), syncd.logs()
+            for rec in recorders:
+                rec.log_metrics({"loss": 0.0}, step=step)
+                rec.finish()
+            wait_exact(client, expected_from_files(root), workdir, 60, [experiment])
+            syncd.alive()
+            assert syncd.stop() == 0
+        finally:
+            syncd.stop()
+            print(syncd.logs())  # shown when the test fails
+
+
+def test_a_run_resolved_again_after_its_binding_was_lost_is_adopted(tracking_uri: str) -> None:
+    """The sink created the run, then the ledger could not keep the binding (the daemon's
+    ledger full above): resolving the record again adopts that run instead of creating a
+    second one, even in an experiment the same sink created."""
+    from mlflow.tracking import MlflowClient
+
+    from syncd.projection import RECORD_ID_TAG, RunSpec
+    from syncd.sink import MlflowSink
+
+    sink = MlflowSink(tracking_uri)
+    spec = RunSpec("lost-binding", "fresh-exp", "r", T0, {RECORD_ID_TAG: "lost-binding"}, None)
+    first = sink.resolve_run(spec, None)
+    again = sink.resolve_run(spec, None)
+    assert first.created and not again.created
+    assert again.run_id == first.run_id
+    assert list(runs_by_record(MlflowClient(tracking_uri))) == ["lost-binding"]

@@ -1012,3 +1012,202 @@ def test_a_run_resolved_again_after_its_binding_was_lost_is_adopted(tracking_uri
     assert first.created and not again.created
     assert again.run_id == first.run_id
     assert list(runs_by_record(MlflowClient(tracking_uri))) == ["lost-binding"]
+
+
+Points = Counter[tuple[int, int, float]]  # (step, timestamp, value) -> how many times
+
+
+def points_in(text: str) -> dict[str, Points]:
+    """Metric points per key that the complete lines of a record's text call for."""
+    out: dict[str, Points] = {}
+    for raw in text[: text.rfind("\n") + 1].splitlines():
+        event = json.loads(raw)
+        if event["type"] == "metrics":
+            for key, value in event["metrics"].items():
+                out.setdefault(key, Counter())[
+                    (event.get("step", 0), event["ts"], float(value))
+                ] += 1
+    return out
+
+
+def points_of_run(client: Any, run_id: str, keys: set[str]) -> dict[str, Points]:
+    return {
+        key: Counter((p.step, p.timestamp, p.value) for p in client.get_metric_history(run_id, key))
+        for key in keys
+    }
+
+
+def test_records_truncated_replaced_or_recreated_under_the_daemon(
+    workdir: Path, tracking_uri: str
+) -> None:
+    """Records rewritten while ``syncd run`` follows them. docs/record-format.md: when a file
+    no longer starts with what was already synced, syncd logs why and projects it again
+    from the start, and the writes are idempotent. MLflow never deletes what was written.
+    So, per sub-case, with one run per record_id throughout:
+
+    (a) truncated to a shorter valid prefix, then regrown with different lines (a1: the
+        daemon sees the shorter file first; a2: truncated and regrown in one go, longer
+        than before): the record_id keeps its run (same run id); every metric point of
+        the final file is in it exactly once; its params, tags (a later value wins) and
+        status (the final ``run_finished``) are the final file's. The points of the lines
+        the truncation dropped were already written and may stay: the run holds the
+        final file's points plus, at most once each, those dropped points, and nothing
+        else. (So ``syncd verify`` may report extra points here; it is not asserted.)
+    (b) replaced by an atomic rename with a record of a NEW record_id: the new record_id
+        gets a new run holding exactly the new file's points, params and status; the old
+        record_id's run is left as it was (its points unchanged, no second run).
+    (c) deleted (the daemon marks it gone) and recreated under the same name with the
+        SAME record_id, as a resumed job rewriting its whole record (the same events,
+        serialised differently, then ``run_resumed``, more points, ``run_finished``):
+        the same run continues (same run id) and holds exactly the final file's points,
+        the re-projected ones not twice.
+    In every sub-case the daemon logs ``record_replaced`` for the file and stays up.
+    """
+    from mlflow.tracking import MlflowClient
+
+    root = workdir / "runs"
+    state = workdir / "state"
+
+    def regrow(rec: Rec, keep: int, steps: range, base: float, status: str) -> str:
+        """The first ``keep`` lines of ``rec``, then different lines (own values, later ts)."""
+        lines = rec.lines[:keep]
+        seq = keep - 1
+        for step in steps:
+            seq += 1
+            ts = T0 + 3_600_000 + seq * 1000
+            lines.append(line(seq, "metrics", ts, step=step, metrics={"loss": base + step}))
+        lines.append(line(seq + 1, "tags", T0 + 3_600_000, tags={"phase": "regrown"}))
+        lines.append(line(seq + 2, "run_finished", T0 + 3_700_000, status=status))
+        return "".join(lines)
+
+    a1 = Rec(root / "a1", "shrunk-then-regrown")
+    a1.add("params", params={"lr": "0.1"})
+    a1.metrics(10, keys=("loss",))
+    a1.add("tags", tags={"phase": "old"})
+    a2 = Rec(root / "a2", "rewritten-in-place")
+    a2.add("params", params={"lr": "0.2"})
+    a2.metrics(8, keys=("loss",))
+    a2.add("run_finished", status="FINISHED")
+    b_old = Rec(root / "b", "replaced-old")
+    b_old.add("params", params={"v": "1"})
+    b_old.metrics(6)
+    b_old.add("run_finished", status="FINISHED")
+    c = Rec(root / "c", "recreated")
+    c.add("params", params={"lr": "0.3"})
+    c.metrics(6)
+    for rec in (a1, a2, b_old, c):
+        rec.flush()
+    old_text = {rec.record_id: rec.text() for rec in (a1, a2, b_old, c)}
+
+    client = MlflowClient(tracking_uri)
+    syncd = SyncdProcess(
+        workdir, str(root), "--tracking-uri", tracking_uri, "--state-dir", str(state)
+    )
+    try:
+        syncd.wait_ready()
+        wait_exact(client, expected_from_files(root), workdir, 60)
+        run_ids = {rid: run.info.run_id for rid, run in runs_by_record(client).items()}
+
+        def logged(event: str, path: Path) -> bool:
+            assert syncd.proc.poll() is None, f"syncd exited:\n{syncd.logs()[-5000:]}"
+            return any(
+                e.get("event") == event and e.get("file") == str(path) for e in syncd.log_events()
+            )
+
+        # (a1) truncated to a valid prefix; once the daemon saw it, regrown differently
+        a1_final = regrow(a1, 6, range(4, 12), 100.0, "FAILED")
+        os.truncate(a1.path, len("".join(a1.lines[:6]).encode()))
+        wait_for(lambda: logged("record_replaced", a1.path), 30, what="a1 seen shorter")
+        with a1.path.open("a") as fh:
+            fh.write(a1_final[len("".join(a1.lines[:6])) :])
+        # (a2) truncated and regrown in one go, longer than before
+        a2_final = regrow(a2, 5, range(3, 13), 200.0, "KILLED")
+        with a2.path.open("r+") as fh:
+            fh.truncate(len("".join(a2.lines[:5])))
+            fh.seek(0, os.SEEK_END)
+            fh.write(a2_final[len("".join(a2.lines[:5])) :])
+        # (b) replaced by an atomic rename: a record with a new record_id
+        b_new = Rec(workdir / "staging", "replaced-new")
+        b_new.add("params", params={"v": "2"})
+        b_new.metrics(4, keys=("loss", "auc"))
+        b_new.add("run_finished", status="FINISHED")
+        tmp = b_old.path.with_name("run_record.jsonl.tmp")
+        tmp.write_text(b_new.text())
+        os.replace(tmp, b_old.path)
+        # (c) deleted; once the daemon saw it gone, rewritten whole by the resumed job
+        c.path.unlink()
+        wait_for(lambda: logged("record_gone", c.path), 30, what="c seen gone")
+        c_final = "".join(json.dumps(json.loads(raw)) + "\n" for raw in c.lines)
+        synced_lines = len(c.lines)
+        c.add("run_resumed")
+        c.metrics(4)
+        c.add("run_finished", status="FINISHED")
+        c_final += c.text(synced_lines)
+        c.path.write_text(c_final)
+
+        rids = ("shrunk-then-regrown", "rewritten-in-place", "replaced-new", "recreated")
+        finals = {
+            rid: (root / d / "run_record.jsonl").read_text()
+            for rid, d in zip(rids, ("a1", "a2", "b", "c"), strict=True)
+        }
+        assert (
+            finals["shrunk-then-regrown"] == a1_final and finals["rewritten-in-place"] == a2_final
+        )
+        expected = expected_from_files(root)
+        assert set(expected) == set(rids)
+
+        def problems() -> list[str]:
+            out = []
+            runs = runs_by_record(client)  # raises on a second run for a record_id
+            want_ids = {**run_ids}
+            want_ids.pop("replaced-old")
+            for rid in ("shrunk-then-regrown", "rewritten-in-place", "recreated"):
+                if runs[rid].info.run_id != want_ids[rid]:
+                    out.append(f"{rid}: run {runs[rid].info.run_id}, not {want_ids[rid]}")
+            if "replaced-new" not in runs:
+                return [*out, "replaced-new: no run"]
+            if runs["replaced-new"].info.run_id == run_ids["replaced-old"]:
+                out.append("replaced-new: written into the old record's run")
+            # (b), (c): exact; (a): the final file's points once each, plus dropped ones
+            out += mirror_problems(
+                client, {k: expected[k] for k in ("replaced-new", "recreated")}, workdir
+            )
+            for rid in ("shrunk-then-regrown", "rewritten-in-place"):
+                run, exp = runs[rid], expected[rid]
+                if dict(run.data.params) != exp.params:
+                    out.append(f"{rid}: params {dict(run.data.params)} != {exp.params}")
+                if {k: run.data.tags.get(k) for k in exp.tags} != exp.tags:
+                    out.append(f"{rid}: tags {dict(run.data.tags)} lack {exp.tags}")
+                if run.info.status != exp.status:
+                    out.append(f"{rid}: status {run.info.status} != {exp.status}")
+                final, before = points_in(finals[rid]), points_in(old_text[rid])
+                have = points_of_run(client, run.info.run_id, set(final) | set(before))
+                for key in set(final) | set(before):
+                    want = final.get(key, Counter())
+                    dropped = before.get(key, Counter()) - want  # lines the truncation cut
+                    got = have[key]
+                    if want - got:
+                        out.append(f"{rid}: {key} lacks {sorted(want - got)[:5]}")
+                    if (got - want) - dropped:
+                        out.append(
+                            f"{rid}: {key} has duplicates or points no version of the file"
+                            f" held: {sorted((got - want) - dropped)[:5]}"
+                        )
+            old = runs["replaced-old"]
+            old_points = points_of_run(client, old.info.run_id, {"loss", "acc"})
+            if old_points != points_in(old_text["replaced-old"]) or old.info.status != "FINISHED":
+                out.append("replaced-old: its run was changed")
+            return out
+
+        deadline = time.monotonic() + 60
+        while found := problems():
+            assert time.monotonic() < deadline, (
+                "the mirror is not what the files say:\n" + "\n".join(found)
+            )
+            time.sleep(0.5)
+        for rec in (a1, a2, b_old, c):
+            assert logged("record_replaced", rec.path), f"no record_replaced for {rec.path}"
+        assert syncd.stop() == 0
+    finally:
+        syncd.kill()
+        print(syncd.logs()[-10000:])  # shown when the test fails

@@ -920,7 +920,7 @@ class PipedDaemon:
             self._reader.join(5)
 
 
-def test_daemon_with_a_full_state_dir_stays_up_and_recovers(
+def test_daemon_whose_ledger_fills_up_stays_up_and_recovers(
     workdir: Path, mlflow_server: MlflowServerProcess
 ) -> None:
     """``syncd run`` whose ledger writes start failing (RLIMIT_FSIZE 0 set on the running

@@ -587,7 +587,9 @@ class MlflowSink:
         # An upload may take longer than one request's timeout: allow for 1 MiB/s.
         saved, self.call_deadline = (
             self.call_deadline,
-            self.call_deadline + _size_of(upload.local_path) / MIN_UPLOAD_BYTES_PER_S,
+            self.call_deadline
+            + (upload.size if upload.size is not None else _size_of(upload.local_path))
+            / MIN_UPLOAD_BYTES_PER_S,
         )
         try:
             with ExitStack() as stack:

@@ -300,6 +300,10 @@ class S3Record:
         self._current = obj
         return obj.size, obj.mtime_ns
 
+    def listed_stat(self) -> tuple[int, int] | None:
+        """What the listing said (no request), until the first ``stat()``."""
+        return (self._listed.size, self._listed.mtime_ns) if self._listed else None
+
     def read_at(self, offset: int, length: int) -> bytes:
         if length <= 0:
             return b""

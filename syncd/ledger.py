@@ -13,20 +13,24 @@ a crash in between replays the writes (idempotent), it never skips them.
 from __future__ import annotations
 
 import copy
+import fcntl
 import json
+import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+import structlog
 from sqlalchemy import event as sa_event
 from sqlalchemy.engine import Connection, Engine
 
 from syncd.errors import LedgerError, RecordError
 
-SCHEMA_VERSION = 2
+log = structlog.get_logger("syncd.ledger")
 
 # Record states: the ledger is a state machine per record and sink.
 #
@@ -204,18 +208,6 @@ class LedgerConflict(LedgerError):
     """The record's row changed under us (another writer moved it): re-read and retry."""
 
 
-# Columns added after schema 1, with their SQL for an in-place upgrade.
-_ADDED_COLUMNS: dict[str, dict[str, str]] = {
-    "syncd_records": {
-        "attempts": "INTEGER NOT NULL DEFAULT 0",
-        "next_attempt_at": "FLOAT",
-        # rows written before versions existed are version 1, as if inserted now
-        "version": "INTEGER NOT NULL DEFAULT 1",
-        "tail": "VARCHAR(80)",
-    }
-}
-
-
 class Ledger:
     """Checkpoints, the record -> run map, uploaded artifacts and the sync event log."""
 
@@ -224,9 +216,7 @@ class Ledger:
         self.sink = sink
         try:
             self.engine: Engine = _create_engine(url)
-            metadata.create_all(self.engine)
-            self._upgrade_columns()
-            self._check_schema_version()
+            self._migrate()
         except sa.exc.SQLAlchemyError as exc:
             raise LedgerError(f"cannot open the ledger at {_safe_url(url)}: {exc}") from exc
 
@@ -249,36 +239,43 @@ class Ledger:
         except sa.exc.SQLAlchemyError as exc:
             raise LedgerError(f"ledger write failed: {_short_error(exc)}") from exc
 
-    def _upgrade_columns(self) -> None:
-        """Add the columns of newer schema versions to a ledger made by an older syncd."""
-        inspector = sa.inspect(self.engine)
-        for table, columns in _ADDED_COLUMNS.items():
-            present = {c["name"] for c in inspector.get_columns(table)}
-            missing = {name: sql for name, sql in columns.items() if name not in present}
-            if not missing:
-                continue
-            with self.engine.begin() as conn:
-                for name, sql in missing.items():
-                    conn.execute(sa.text(f'ALTER TABLE {table} ADD COLUMN "{name}" {sql}'))
+    def _migrate(self) -> None:
+        """Bring the schema to this syncd's head with alembic, one process at a time.
 
-    def _check_schema_version(self) -> None:
-        with self.engine.begin() as conn:
-            found = conn.execute(
-                sa.select(meta.c.value).where(meta.c.key == "schema_version")
-            ).scalar()
-            if found is None:
-                conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
-            elif int(found) < SCHEMA_VERSION:
-                conn.execute(
-                    meta.update()
-                    .where(meta.c.key == "schema_version")
-                    .values(value=str(SCHEMA_VERSION))
-                )
-            elif int(found) > SCHEMA_VERSION:
-                raise LedgerError(
-                    f"the ledger has schema version {found}, newer than this syncd"
-                    f" ({SCHEMA_VERSION}); upgrade syncd"
-                )
+        Many daemons may start at once on one ledger: the migration runs under
+        ``pg_advisory_lock`` on PostgreSQL and a file lock beside a SQLite ledger.
+        A ledger made before migrations existed (schema 1) is stamped first.
+        """
+        from alembic import command
+        from alembic.config import Config
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
+
+        config = Config()
+        config.set_main_option("script_location", str(Path(__file__).parent / "ledger_migrations"))
+        script = ScriptDirectory.from_config(config)
+        head = script.get_current_head()
+        with _migration_lock(self.engine), self.engine.begin() as conn:
+            context = MigrationContext.configure(
+                conn, opts={"version_table": "syncd_alembic_version"}
+            )
+            current = context.get_current_revision()
+            if current is not None and current != head:
+                try:
+                    script.get_revision(current)
+                except Exception:
+                    raise LedgerError(
+                        f"the ledger at {_safe_url(self.url)} has schema {current}, newer than"
+                        f" this syncd ({head}); upgrade syncd"
+                    ) from None
+            config.attributes["connection"] = conn
+            if current is None:
+                existing = _legacy_revision(conn)
+                if existing is not None:  # made before migrations: adopt it
+                    command.stamp(config, existing)
+            if current != head:
+                command.upgrade(config, "head")
+                log.info("ledger_migrated", ledger=_safe_url(self.url), schema=head)
 
     # -- reads ---------------------------------------------------------------------
 
@@ -652,6 +649,44 @@ class Ledger:
             "last_sync_at": last_sync,
             "records_with_errors": problems,
         }
+
+
+def _legacy_revision(conn: Connection) -> str | None:
+    """The migration a ledger made by ``create_all`` matches, or None for an empty one."""
+    inspector = sa.inspect(conn)
+    if not inspector.has_table("syncd_records"):
+        return None
+    columns = {c["name"] for c in inspector.get_columns("syncd_records")}
+    return "0002" if "version" in columns else "0001"
+
+
+@contextmanager
+def _migration_lock(engine: Engine) -> Iterator[None]:
+    """One migrating process per ledger: an advisory lock (PostgreSQL) or a file lock."""
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": _ADVISORY_KEY})
+            try:
+                yield
+            finally:
+                conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": _ADVISORY_KEY})
+                conn.commit()
+        return
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        yield
+        return
+    lock_path = Path(database).with_name(Path(database).name + ".migrate-lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+_ADVISORY_KEY = 0x73796E6364  # "syncd": one migration at a time per PostgreSQL database
 
 
 def _create_engine(url: str) -> Engine:

@@ -282,6 +282,12 @@ class MlflowSink:
             from mlflow.tracking import MlflowClient
 
             def build() -> MlflowClient:
+                db = sqlite_path(self.tracking_uri)
+                if db is not None:
+                    from syncd.store_schema import create_store
+
+                    if create_store(db):
+                        log.info("store_created", store=str(db))
                 self.check_schema()
                 with _anchored_artifacts(self.artifact_root):
                     return MlflowClient(tracking_uri=self.tracking_uri)

@@ -11,12 +11,16 @@ the MLflow it runs on:
   (``syncd backfill --upgrade-store`` makes a backup first);
 - unknown (written by a newer MLflow): stop and name both versions.
 
-Fresh stores (no file, or no tables yet) are created as usual.
+A fresh store is created atomically (:func:`create_store`): MLflow's first
+migration runs in a temporary file beside the target, under syncd's store
+lock, and the finished file is linked into place. A kill at any moment leaves
+either no store or a complete one, and no reader ever sees a half-made schema.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,3 +154,69 @@ def upgrade_store(path: Path) -> Path | None:
     finally:
         engine.dispose()
     return backup
+
+
+NEW_STORE_MARK = ".syncd-new-"
+
+
+def create_store(path: Path) -> bool:
+    """Create a complete store at ``path`` if there is none; False when one exists.
+
+    The caller holds the store's interprocess lock. The schema is built in
+    ``.<name>.syncd-new-<pid>`` beside the target, flushed to disk, then linked
+    to the target name (``link`` never replaces a store someone else made).
+    """
+    if path.exists() and path.stat().st_size > 0:
+        return False
+    clean_stale_new_stores(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}{NEW_STORE_MARK}{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    import sqlalchemy
+    from mlflow.store.db.utils import _initialize_tables
+
+    engine = sqlalchemy.create_engine(f"sqlite:///{tmp}")
+    try:
+        _initialize_tables(engine)  # type: ignore[no-untyped-call]
+    finally:
+        engine.dispose()
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if path.exists() and path.stat().st_size == 0:
+        path.unlink()  # an empty file is no store (a touch, or sqlite3 opened it)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return True
+
+
+def clean_stale_new_stores(path: Path) -> int:
+    """Remove half-made stores of processes that died while creating one."""
+    removed = 0
+    for leftover in path.parent.glob(f".{path.name}{NEW_STORE_MARK}*"):
+        pid = leftover.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and pid != str(os.getpid()) and not _alive(int(pid)):
+            leftover.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -110,3 +110,22 @@ def test_backfill_with_a_postgres_ledger(
     second = backfill(settings)
     assert second.unchanged == 8 and second.events == 0
     assert len(runs_by_record(client)) == 8
+
+
+def test_many_processes_opening_a_fresh_ledger_at_once_all_succeed(pg_url: str) -> None:
+    """Schema creation runs under an advisory lock: no UniqueViolation on pg_type."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from syncd.ledger import Ledger; "
+        "Ledger(sys.argv[1], 'sink').close(); print('ok')"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, pg_url], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for _ in range(4)
+    ]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], results

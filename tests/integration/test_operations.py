@@ -184,9 +184,9 @@ def test_a_ledger_from_the_first_schema_is_upgraded_in_place(
     run_backfill(workdir / "runs", tracking_uri)
     ledger_db = workdir / ".syncd" / "ledger.db"
     with sqlite3.connect(ledger_db) as conn:  # back to schema 1
-        for column in ("attempts", "next_attempt_at", "version"):
+        for column in ("attempts", "next_attempt_at", "version", "tail"):
             conn.execute(f'ALTER TABLE syncd_records DROP COLUMN "{column}"')
-        conn.execute("UPDATE syncd_meta SET value = '1' WHERE key = 'schema_version'")
+        conn.execute("DROP TABLE syncd_alembic_version")  # made before migrations existed
 
     write(path.parent, metric_lines(3, range(2, 4)), mode="a")
     summary = run_backfill(workdir / "runs", tracking_uri)

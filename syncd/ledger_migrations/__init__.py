@@ -1,0 +1,1 @@
+"""Alembic migrations of the ledger schema (version table ``syncd_alembic_version``)."""

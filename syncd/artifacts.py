@@ -22,9 +22,9 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -46,6 +46,12 @@ class ResolvedArtifact:
     relative: str = ""  # the path as the record names it
     line: int = 0  # the artifact event's line and seq, for reports
     seq: int | None = None
+    size: int | None = None  # bytes to upload, when known without looking at local_path
+    # A source whose artifacts are not local files (S3) stages them itself:
+    # stage(area) yields (local copy to upload, digest of exactly those bytes).
+    stage: Callable[[Path | None], AbstractContextManager[tuple[Path, str]]] | None = field(
+        default=None, compare=False
+    )
 
 
 def artifact_key(path: str, artifact_path: str | None) -> str:
@@ -248,6 +254,10 @@ def staged(upload: ResolvedArtifact, area: Path | None = None) -> Iterator[tuple
     Yields (path to upload, digest of exactly those bytes). The copy keeps the
     file or folder name MLflow uses, and is removed afterwards, also on errors.
     """
+    if upload.stage is not None:
+        with upload.stage(area) as copy:
+            yield copy
+        return
     root = upload.root or upload.local_path.parent
     shown = upload.relative or upload.local_path.name
     stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-", dir=area))
@@ -277,10 +287,18 @@ def staged(upload: ResolvedArtifact, area: Path | None = None) -> Iterator[tuple
 
 
 def clean_stale_stages(area: Path | None = None) -> int:
-    """Remove staging folders left by processes that died (a SIGKILL mid-upload)."""
-    base = Path(area or tempfile.gettempdir())
+    """Remove staging folders left by processes that died (a SIGKILL mid-upload).
+
+    Best effort: a temporary folder that cannot be listed (or a full disk, which
+    makes ``tempfile`` find no usable folder) is left for the next start.
+    """
+    try:
+        base = Path(area or tempfile.gettempdir())
+        folders = list(base.glob(f"{STAGE_PREFIX}*"))
+    except OSError:
+        return 0
     removed = 0
-    for folder in base.glob(f"{STAGE_PREFIX}*"):
+    for folder in folders:
         pid = folder.name[len(STAGE_PREFIX) :].split("-", 1)[0]
         if not pid.isdigit() or _alive(int(pid)):
             continue
@@ -299,13 +317,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def resolve_artifact(run_dir: Path, path: str, artifact_path: str | None) -> ResolvedArtifact:
+def check_artifact_path(artifact_path: str | None) -> None:
+    """The destination must be a folder inside the run's artifacts (ArtifactRefused if not)."""
     if artifact_path is not None:
         dest = PurePosixPath(artifact_path)
         if dest.is_absolute() or ".." in dest.parts:
             raise ArtifactRefused(
                 f"artifact_path {artifact_path!r} must be a folder inside the run's artifacts"
             )
+
+
+def resolve_artifact(run_dir: Path, path: str, artifact_path: str | None) -> ResolvedArtifact:
+    check_artifact_path(artifact_path)
     target = confine(run_dir, path)
     is_dir = target.is_dir()
     if is_dir:

@@ -33,7 +33,9 @@ from syncd.ledger import (
 )
 from syncd.logging import redact_text
 from syncd.sink import MlflowSink, RetryPolicy
+from syncd.sources import RecordFile
 from syncd.sources.local import LocalRecord, find_records
+from syncd.sources.s3 import S3Record, S3SourceError, client_for, list_records, split_uri
 from syncd.store_schema import StoreSchemaError
 from syncd.writers import WriterPool, writer_count
 
@@ -71,6 +73,7 @@ class Summary:
     artifacts: int = 0
     duration_s: float = 0.0
     aborted: str | None = None
+    roots_failed: int = 0  # s3:// roots that could not be listed (the others are synced)
     errors: list[dict[str, Any]] = field(default_factory=list)
 
     def add(self, outcome: Outcome) -> None:
@@ -109,7 +112,14 @@ class Summary:
 
     @property
     def clean(self) -> bool:
-        return not (self.with_errors or self.failed or self.waiting or self.blocked or self.aborted)
+        return not (
+            self.with_errors
+            or self.failed
+            or self.waiting
+            or self.blocked
+            or self.aborted
+            or self.roots_failed
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,13 +153,18 @@ def open_ledger(settings: Settings, *, read_only: bool = False) -> Ledger | None
     return Ledger(url, sink_key(settings.tracking_uri))
 
 
-def forget_records(settings: Settings, paths: list[Path]) -> int:
-    """Make the ledger forget ``paths`` and every record it knew under them."""
+def forget_records(settings: Settings, paths: list[Path | str]) -> int:
+    """Make the ledger forget ``paths`` (or s3:// URIs) and every record it knew under them."""
     ledger = open_ledger(settings)
     assert ledger is not None
     try:
-        sources = {path.absolute().as_uri() for path in paths}
+        sources = {path if isinstance(path, str) else path.absolute().as_uri() for path in paths}
         for root in settings.roots:
+            if root.is_s3:
+                bucket, prefix = split_uri(root.path)
+                under = f"s3://{bucket}/{prefix}/" if prefix else f"s3://{bucket}/"
+                sources.update(ledger.sources_under(under))
+                continue
             folder = Path(root.path).absolute()
             if folder.is_dir():
                 sources.update(ledger.sources_under(folder.as_uri().rstrip("/") + "/"))
@@ -163,14 +178,42 @@ def forget_records(settings: Settings, paths: list[Path]) -> int:
 
 
 def iter_record_files(roots: Iterable[Root]) -> Iterator[tuple[Root, Path]]:
+    """Record files under the local roots (s3:// roots are listed by :func:`iter_records`)."""
     for root in roots:
         if root.is_s3:
-            raise ConfigError(f"root {root.path}: s3:// roots are not supported yet")
+            continue
         path = Path(root.path)
         if not path.exists():
             raise ConfigError(f"root {root.path} does not exist")
         for record in find_records(path, root.pattern):
             yield root, record
+
+
+def iter_records(
+    roots: Iterable[Root],
+    *,
+    timeout: float = 30.0,
+    on_root_error: Callable[[Root, S3SourceError], None] | None = None,
+) -> Iterator[tuple[Root, LocalRecord | S3Record]]:
+    """Every record under the roots, local and S3 mixed, in root order.
+
+    An S3 record carries its listing (size, ETag, LastModified), so an unchanged one
+    is skipped without a request. An S3 root that cannot be listed goes to
+    ``on_root_error`` (raised when there is none); the other roots go on.
+    """
+    for root in roots:
+        if not root.is_s3:
+            for _root, path in iter_record_files([root]):
+                yield root, LocalRecord(path)
+            continue
+        client = client_for(root, timeout)
+        try:
+            for obj in list_records(client, root.path, root.pattern):
+                yield root, S3Record(client, obj.bucket, obj.key, obj)
+        except S3SourceError as exc:
+            if on_root_error is None:
+                raise
+            on_root_error(root, exc)
 
 
 def backfill(
@@ -190,10 +233,22 @@ def backfill(
     """
     started = time.perf_counter()
     summary = Summary(tracking_uri=sink_key(settings.tracking_uri))
-    files = list(iter_record_files(settings.roots))
+    root_errors: list[tuple[Root, S3SourceError]] = []
+    files = list(
+        iter_records(
+            settings.roots,
+            timeout=settings.timeouts.http,
+            on_root_error=lambda root, exc: root_errors.append((root, exc)),
+        )
+    )
+    for root, exc in root_errors:
+        reason = redact_text(exc.strerror or str(exc))
+        log.error("root_unavailable", root=root.path, error=reason[:500])
+        summary.roots_failed += 1
+        summary.errors.append({"file": root.path, "line": None, "seq": None, "reason": reason})
     clean_stale_stages()
     if resync and not dry_run:
-        forget_records(settings, [path for _root, path in files])
+        forget_records(settings, [_resync_key(record) for _root, record in files])
     ledger = open_ledger(settings, read_only=dry_run)
     if ledger is None:  # a dry run before any sync: an in-memory ledger
         ledger = Ledger("sqlite://", sink_key(settings.tracking_uri))
@@ -243,22 +298,21 @@ def backfill(
     known = ledger.all_records()
     bar = progress(len(files)) if progress else nullcontext(_NoProgress())
     sink_down: str | None = None
-    running: deque[tuple[Path, Future[Outcome]]] = deque()
+    running: deque[tuple[str, Future[Outcome]]] = deque()
 
     def collect(shown: Progress) -> None:
         nonlocal sink_down
-        path, future = running.popleft()
+        display, future = running.popleft()
         outcome = future.result()
         summary.add(outcome)
-        shown.advance(str(path), outcome.events)
+        shown.advance(display, outcome.events)
         if outcome.retry_later and sink_down is None:
             sink_down = f"MLflow is unavailable ({outcome.message})"
             log.error("sink_unavailable_pass_continues", reason=sink_down[:300])
 
     try:
         with bar as shown:
-            for _root, path in files:
-                record = LocalRecord(path)
+            for _root, record in files:
                 row = known.get(record.uri)
                 if sink_down is not None and _needs_writes(record, row):
                     # MLflow is down: name the record instead of waiting on each one.
@@ -272,11 +326,11 @@ def backfill(
                             message=f"not attempted: {sink_down}",
                         )
                     )
-                    running.append((path, done))
+                    running.append((record.display, done))
                 else:
                     future = pool.submit(record.uri, partial(_sync_closing, record=record, row=row))
                     assert future is not None  # every path is distinct
-                    running.append((path, future))
+                    running.append((record.display, future))
                 # results in file order; at most a few records ahead of the oldest
                 while running and (running[0][1].done() or len(running) > 2 * pool.size):
                     collect(shown)
@@ -290,19 +344,28 @@ def backfill(
     return summary
 
 
-def _sync_closing(engine: Engine, *, record: LocalRecord, row: RecordRow | None) -> Outcome:
+def _sync_closing(
+    engine: Engine, *, record: LocalRecord | S3Record, row: RecordRow | None
+) -> Outcome:
     try:
         return engine.sync(record, row)
     finally:
         record.close()
 
 
-def _needs_writes(record: LocalRecord, row: RecordRow | None) -> bool:
+def _resync_key(record: LocalRecord | S3Record) -> Path | str:
+    return record.path if isinstance(record, LocalRecord) else record.uri
+
+
+def _needs_writes(record: RecordFile, row: RecordRow | None) -> bool:
     """False when the engine would skip the record unread (unchanged and settled)."""
-    try:
-        size, mtime_ns = record.stat()
-    except OSError:
-        return False
+    if isinstance(record, S3Record):
+        size, mtime_ns = record.listed_stat() or (-1, -1)
+    else:
+        try:
+            size, mtime_ns = record.stat()
+        except OSError:
+            return False
     return not (
         row is not None
         and (row.size, row.mtime_ns) == (size, mtime_ns)
@@ -312,9 +375,19 @@ def _needs_writes(record: LocalRecord, row: RecordRow | None) -> bool:
 
 def root_experiments(roots: Iterable[Root]) -> Callable[[Any], str | None]:
     """The default experiment of the root a record lives under (for records naming none)."""
-    defaults = [(Path(root.path), root.experiment) for root in roots if root.experiment]
+    defaults = [
+        (Path(root.path), root.experiment) for root in roots if root.experiment and not root.is_s3
+    ]
+    s3_defaults = [
+        (root.path.rstrip("/") + "/", root.experiment)
+        for root in roots
+        if root.experiment and root.is_s3
+    ]
 
     def experiment_for(record: Any) -> str | None:
+        if isinstance(record, S3Record):
+            uri = record.uri
+            return next((exp for base, exp in s3_defaults if uri.startswith(base)), None)
         path = getattr(record, "path", None)
         for root, experiment in defaults:
             if path is not None and path.is_relative_to(root):

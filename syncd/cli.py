@@ -325,6 +325,7 @@ def _print_summary(summary: dict[str, Any], dry_run: bool) -> None:
         ("blocked", "blocked"),
         ("pending", "pending"),
         ("gone", "gone"),
+        ("roots failed", "roots_failed"),
         ("events", "events"),
         ("metric points", "metric_points"),
         ("artifacts", "artifacts"),

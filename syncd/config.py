@@ -78,6 +78,23 @@ def _anchor(path: str | Path, base: Path) -> str:
     return os.path.normpath(Path(base).absolute() / Path(path).expanduser())
 
 
+def _refuse_remote_anchor(value: str, key: str) -> None:
+    """A store or ledger must not live on S3: SQLite needs a local file (and locks)."""
+    text = value.strip().lower()
+    sqlite_on_s3 = text.startswith("sqlite") and "s3:" in text.partition("://")[2]
+    if text.startswith(("s3://", "s3a://")) or sqlite_on_s3:
+        what = "MLflow store" if key == "tracking_uri" else "ledger"
+        raise ValueError(
+            f"the {what} cannot live on S3; use a local absolute SQLite path"
+            " (sqlite:////var/lib/syncd/mlflow.db) or a server URL"
+            + (
+                " (http://mlflow:5000), and artifact_root: s3://bucket/prefix for artifacts"
+                if key == "tracking_uri"
+                else " (postgresql://...)"
+            )
+        )
+
+
 def _is_local_path(value: Any) -> bool:
     return isinstance(value, str) and bool(value.strip()) and "://" not in value
 
@@ -130,6 +147,10 @@ class Root(_Section):
     path: str = Field(min_length=1)
     pattern: str = Field(default="**/run_record.jsonl", min_length=1)
     experiment: str | None = None  # default experiment for records that name none
+    # s3:// roots only: an S3-compatible endpoint (MinIO, Ceph; default: AWS_ENDPOINT_URL,
+    # else AWS) and the bucket's region (default: the standard AWS configuration)
+    endpoint_url: str | None = None
+    region: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -147,6 +168,20 @@ class Root(_Section):
             raise ValueError("expected a local path or s3://bucket/prefix")
         return value
 
+    @field_validator("endpoint_url")
+    @classmethod
+    def _check_endpoint(cls, value: str | None) -> str | None:
+        value = (value or "").strip()
+        if value and not re.match(r"https?://[^/]+", value, re.ASCII):
+            raise ValueError("expected an http:// or https:// URL (e.g. http://minio:9000)")
+        return value or None
+
+    @model_validator(mode="after")
+    def _s3_only_options(self) -> "Root":
+        if not self.is_s3 and (self.endpoint_url or self.region):
+            raise ValueError("endpoint_url and region apply to s3:// roots only")
+        return self
+
     @property
     def is_s3(self) -> bool:
         return self.path.lower().startswith("s3://")
@@ -156,6 +191,7 @@ class WatchConfig(_Section):
     mode: Annotated[Literal["auto", "inotify", "polling"], BeforeValidator(_lower)] = "auto"
     rescan_interval: float = Field(default=60.0, gt=0)  # seconds between full rescans
     poll_interval: float = Field(default=2.0, gt=0)  # seconds between polls (polling mode)
+    s3_poll_interval: float = Field(default=10.0, gt=0)  # seconds between listings of s3:// roots
 
 
 class WriterConfig(_Section):
@@ -212,6 +248,7 @@ class Settings(_Section):
     def _check_tracking_uri(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must not be empty")
+        _refuse_remote_anchor(value, "tracking_uri")
         return resolve_sqlite_uri(value.strip(), Path.cwd())
 
     @field_validator("state_dir", mode="before")
@@ -219,6 +256,11 @@ class Settings(_Section):
     def _check_state_dir(cls, value: Any) -> Any:
         if isinstance(value, str) and not value.strip():
             raise ValueError("must not be empty")
+        if isinstance(value, str) and "://" in value:
+            raise ValueError(
+                "must be a local folder (the ledger is a local SQLite file); use a local"
+                " path such as /var/lib/syncd, or ledger_url for a shared PostgreSQL ledger"
+            )
         return value
 
     @field_validator("state_dir")
@@ -230,6 +272,7 @@ class Settings(_Section):
     @classmethod
     def _check_ledger_url(cls, value: str | None) -> str | None:
         value = (value or "").strip()
+        _refuse_remote_anchor(value, "ledger_url")
         return resolve_sqlite_uri(value, Path.cwd()) if value else None
 
     @field_validator("artifact_root")

@@ -86,6 +86,12 @@ class Metrics:
             registry=r,
         )
         self.sink_up = Gauge("syncd_sink_up", "1 when MLflow accepts writes", registry=r)
+        self.root_up = Gauge(
+            "syncd_root_up", "1 when the s3:// root could be listed", ["root"], registry=r
+        )
+        self.root_errors = Counter(
+            "syncd_root_poll_errors", "Failed listings of an s3:// root", ["root"], registry=r
+        )
         self.batch_size = Histogram(
             "syncd_batch_size",
             "Events applied per write",
@@ -120,6 +126,7 @@ class HealthState:
     observer_alive: bool = True
     last_rescan_at: float | None = None
     stopping: bool = False
+    root_errors: dict[str, str] = field(default_factory=dict)  # s3:// root -> why unlistable
 
 
 class HealthServer:
@@ -193,6 +200,8 @@ class HealthServer:
             reasons.append(f"MLflow unreachable: {body['sink_error'] or 'not checked yet'}")
         if body["backlog_events"] > self.max_backlog:
             reasons.append(f"backlog of {body['backlog_events']} events over {self.max_backlog}")
+        for root, error in sorted(body["root_errors"].items()):
+            reasons.append(f"root {root} unavailable: {error}")
         if body["stopping"]:
             reasons.append("stopping")
         return not reasons, reasons

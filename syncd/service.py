@@ -38,8 +38,10 @@ from syncd.health import HealthServer, HealthState, Metrics
 from syncd.ledger import FAILED, RETRY_STATES, WAITING, Ledger
 from syncd.logging import configure, redact_text
 from syncd.notify import Notifier, watchdog_interval
+from syncd.s3_poller import S3Poller
 from syncd.sink import MlflowSink, RetryPolicy
 from syncd.sources.local import LocalRecord, path_from_uri
+from syncd.sources.s3 import S3Record
 from syncd.supervisor import Supervisor
 from syncd.watch import Watcher
 from syncd.writers import WriterPool, writer_count
@@ -56,6 +58,9 @@ LOOP_STALE_AFTER = 10.0  # seconds without a beat (and no bounded call) = a wedg
 CALL_DEADLINE_MARGIN = 5.0  # seconds past timeouts.http before a call counts as wedged
 
 
+Key = Path | str  # a local record's path, or an s3:// record's URI
+
+
 class Backlog:
     """Records noticed but not yet synced: a coalescing set, bounded by the number of records.
 
@@ -65,11 +70,11 @@ class Backlog:
     """
 
     def __init__(self) -> None:
-        self._since: dict[Path, float] = {}
+        self._since: dict[Key, float] = {}
         self._lock = threading.Lock()
         self.wake = threading.Event()
 
-    def add(self, path: Path, since: float | None = None) -> None:
+    def add(self, path: Key, since: float | None = None) -> None:
         with self._lock:
             first = self._since.get(path)
             when = since if since is not None else time.time()
@@ -77,7 +82,7 @@ class Backlog:
                 self._since[path] = when
         self.wake.set()
 
-    def take(self, limit: int) -> list[tuple[Path, float]]:
+    def take(self, limit: int) -> list[tuple[Key, float]]:
         with self._lock:
             items = sorted(self._since.items(), key=lambda kv: kv[1])[:limit]
             for path, _ in items:
@@ -88,7 +93,7 @@ class Backlog:
         with self._lock:
             return min(self._since.values(), default=None)
 
-    def paths(self) -> list[Path]:
+    def paths(self) -> list[Key]:
         with self._lock:
             return list(self._since)
 
@@ -118,8 +123,9 @@ class Daemon:
         self.sink: MlflowSink | None = None
         self.pool: WriterPool | None = None
         self.watcher: Watcher | None = None
-        self.offsets: dict[Path, int] = {}
-        self.retry_due: dict[Path, float] = {}  # waiting/failed records: next try (epoch s)
+        self.poller: S3Poller | None = None
+        self.offsets: dict[Key, int] = {}
+        self.retry_due: dict[Key, float] = {}  # waiting/failed records: next try (epoch s)
         self.bytes_per_event = 100.0
         self.retry_at = 0.0
         self.backoff = 0.0
@@ -268,8 +274,29 @@ class Daemon:
             on_overflow=self._rescan_soon,
         )
         self.watcher.start()
+        self.poller = S3Poller(
+            self.settings.roots,
+            self.backlog.add,
+            interval=self.settings.watch.s3_poll_interval,
+            timeout=self.settings.timeouts.http,
+            on_status=self._root_status,
+        )
+        self.poller.start()
         with self.state_lock:
             self.state.watch_mode = self.watcher.active_mode
+            if self.poller.roots:
+                self.state.watch_mode += "+s3poll"
+
+    def _root_status(self, root: str, error: str | None) -> None:
+        """From the poller thread: whether ``root`` could be listed (``/readyz``, metrics)."""
+        self.metrics.root_up.labels(root=root).set(0 if error else 1)
+        if error:
+            self.metrics.root_errors.labels(root=root).inc()
+        with self.state_lock:
+            if error:
+                self.state.root_errors[root] = error
+            else:
+                self.state.root_errors.pop(root, None)
 
     def _rescan_soon(self) -> None:
         """Called from the watcher thread: events were lost, rescan on the next turn."""
@@ -281,6 +308,9 @@ class Daemon:
         if self.watcher is not None:
             self.watcher.stop()
             self.watcher = None
+        if self.poller is not None:
+            self.poller.stop()
+            self.poller = None
 
     # -- the loop ------------------------------------------------------------------
 
@@ -340,7 +370,7 @@ class Daemon:
         assert self.pool is not None
         pool = self.pool
         pending = list(reversed(self.backlog.take(RECORDS_PER_ROUND)))
-        running: dict[Future[Outcome], tuple[Path, float, float]] = {}
+        running: dict[Future[Outcome], tuple[Key, float, float]] = {}
         halted = False
         while pending or running:
             while pending and not halted and len(running) < pool.size:
@@ -366,15 +396,15 @@ class Daemon:
         if pending:
             self._requeue(list(reversed(pending)))
 
-    def _sync_one(self, engine: Engine, path: Path) -> Outcome:
-        record = LocalRecord(path)
+    def _sync_one(self, engine: Engine, path: Key) -> Outcome:
+        record = self._record_for(path)
         try:
             return engine.sync(record, self._row_for(path))
         finally:
             record.close()
 
     def _settle_outcome(
-        self, future: Future[Outcome], path: Path, since: float, started: float, halted: bool
+        self, future: Future[Outcome], path: Key, since: float, started: float, halted: bool
     ) -> bool:
         """Account for one record's sync; False when the round must hand out no more."""
         try:
@@ -398,21 +428,28 @@ class Daemon:
             self._schedule_retry(path)
         return True
 
-    def _requeue(self, items: list[tuple[Path, float]]) -> None:
+    def _record_for(self, key: Key) -> LocalRecord | S3Record:
+        if isinstance(key, Path):
+            return LocalRecord(key)
+        assert self.poller is not None
+        return self.poller.record(key)
+
+    def _requeue(self, items: list[tuple[Key, float]]) -> None:
         """Notices taken but not synced go back, keeping their age."""
         for path, since in items:
             self.backlog.add(path, since)
 
-    def _schedule_retry(self, path: Path) -> None:
+    def _schedule_retry(self, path: Key) -> None:
         row = self._row_for(path)
         if row is not None and row.state in RETRY_STATES:
             self.retry_due[path] = row.next_attempt_at or time.time()
 
-    def _row_for(self, path: Path) -> Any:
+    def _row_for(self, path: Key) -> Any:
         assert self.ledger is not None
-        return self.ledger.get_record(path.absolute().as_uri())
+        uri = path if isinstance(path, str) else path.absolute().as_uri()
+        return self.ledger.get_record(uri)
 
-    def _account(self, path: Path, outcome: Outcome, seconds: float) -> None:
+    def _account(self, path: Key, outcome: Outcome, seconds: float) -> None:
         m = self.metrics
         if not outcome.skipped:
             previous = self.offsets.get(path, 0)
@@ -562,7 +599,9 @@ class Daemon:
             self.state.backlog_records = backlog_records
             self.state.backlog_events = events
             self.state.lag_seconds = round(lag, 3)
-            self.state.observer_alive = self.watcher.alive if self.watcher else True
+            self.state.observer_alive = (self.watcher.alive if self.watcher else True) and (
+                self.poller.alive if self.poller else True
+            )
             self.state.stopping = self.stopping
         m = self.metrics
         m.backlog_records.set(backlog_records)
@@ -599,9 +638,14 @@ class Daemon:
         total = 0
         for path in self.backlog.paths()[:10_000]:
             try:
-                total += max(0, path.stat().st_size - self.offsets.get(path, 0))
+                if isinstance(path, str):
+                    listed = self.poller.lookup(path) if self.poller else None
+                    size = listed.size if listed else 0
+                else:
+                    size = path.stat().st_size
             except OSError:
                 continue
+            total += max(0, size - self.offsets.get(path, 0))
         return total
 
     def _status_line(self) -> str:
@@ -688,10 +732,15 @@ def run_service(config_path: Path | None, overrides: Mapping[str, Any]) -> int:
 
 
 def check_roots(settings: Settings) -> None:
-    """Every local root exists (or is created with ``create_roots: true``)."""
+    """Every local root exists (or is created with ``create_roots: true``).
+
+    An s3:// root is not checked here: the poller lists it, and a root it cannot
+    list is reported (logs, ``/readyz``, ``syncd_root_up``) and retried, while the
+    other roots go on.
+    """
     for root in settings.roots:
         if root.is_s3:
-            raise ConfigError(f"roots: {root.path}: s3:// roots are not supported yet")
+            continue
         path = Path(root.path)
         if path.is_dir():
             continue

@@ -204,8 +204,9 @@ def create_store(path: Path) -> bool:
 def clean_stale_new_stores(path: Path) -> int:
     """Remove half-made stores of processes that died while creating one."""
     removed = 0
-    for leftover in path.parent.glob(f".{path.name}{NEW_STORE_MARK}*"):
-        pid = leftover.name.rsplit("-", 1)[-1]
+    prefix = f".{path.name}{NEW_STORE_MARK}"
+    for leftover in path.parent.glob(f"{prefix}*"):  # the file and its -journal / -wal
+        pid = leftover.name[len(prefix) :].split("-", 1)[0]
         if pid.isdigit() and pid != str(os.getpid()) and not _alive(int(pid)):
             leftover.unlink(missing_ok=True)
             removed += 1

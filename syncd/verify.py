@@ -53,7 +53,8 @@ from syncd.record.reader import (
 )
 from syncd.sink import RetryPolicy, classify, sqlite_path
 from syncd.sources import RecordFile
-from syncd.sources.local import LocalRecord, find_records
+from syncd.sources.local import LocalRecord
+from syncd.sources.s3 import S3Record
 
 T = TypeVar("T")
 
@@ -862,9 +863,7 @@ def check_roots(roots: Iterable[Root]) -> list[Root]:
     if not checked:
         raise ConfigError("no roots: give ROOT arguments or 'roots' in the config file")
     for root in checked:
-        if root.is_s3:
-            raise ConfigError(f"root {root.path}: s3:// roots are not supported yet")
-        if not Path(root.path).exists():
+        if not root.is_s3 and not Path(root.path).exists():
             raise ConfigError(f"root {root.path} does not exist")
     return checked
 
@@ -882,21 +881,26 @@ def verify_records(settings: Settings) -> tuple[VerifyTotals, Iterator[RecordRes
     view = MlflowView(settings.tracking_uri)
     ledger = LedgerView.open(settings, sink)
     totals = VerifyTotals(tracking_uri=sink, ledger=redact_text(ledger.url) if ledger else None)
-    return totals, _results(roots, view, ledger, totals)
+    return totals, _results(roots, view, ledger, totals, settings.timeouts.http)
 
 
 def _results(
-    roots: list[Root], view: MlflowView, ledger: LedgerView | None, totals: VerifyTotals
+    roots: list[Root],
+    view: MlflowView,
+    ledger: LedgerView | None,
+    totals: VerifyTotals,
+    timeout: float,
 ) -> Iterator[RecordResult]:
+    from syncd.backfill import iter_records
+
     started = time.perf_counter()
     try:
         index = view.index()
-        for root in roots:
-            for path in find_records(Path(root.path), root.pattern):
-                result = verify_one(LocalRecord(path), root.experiment, view, index, ledger)
-                totals.add(result)
-                totals.duration_s = round(time.perf_counter() - started, 3)
-                yield result
+        for root, record in iter_records(roots, timeout=timeout):
+            result = verify_one(record, root.experiment, view, index, ledger)
+            totals.add(result)
+            totals.duration_s = round(time.perf_counter() - started, 3)
+            yield result
     finally:
         if ledger is not None:
             ledger.close()
@@ -904,7 +908,7 @@ def _results(
 
 
 def verify_one(
-    record: LocalRecord,
+    record: LocalRecord | S3Record,
     default_experiment: str | None,
     view: MlflowView,
     index: dict[str, list[RunRef]],
@@ -914,9 +918,9 @@ def verify_one(
     progress: list[Difference] = []
     try:
         try:
-            expected = read_expected(
-                record, default_experiment=default_experiment, run_dir=record.run_dir
-            )
+            # Artifacts are compared for local records (S3 ones: not yet).
+            run_dir = record.run_dir if isinstance(record, LocalRecord) else None
+            expected = read_expected(record, default_experiment=default_experiment, run_dir=run_dir)
         except FileNotFoundError:
             return RecordResult(record.display, None, None, [])  # gone since it was found
         except OSError as exc:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from fault_proxy import FaultProxy
 from mlflow_server import MlflowServerProcess
+from moto_s3 import CLEARED, CREDENTIALS, Bucket, MotoServer
 
 os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -65,3 +66,34 @@ def fault_proxy(mlflow_server: MlflowServerProcess) -> Iterator[FaultProxy]:
     """A fault-injecting proxy in front of the session's `mlflow server`, passing through."""
     with FaultProxy(mlflow_server.port) as proxy:
         yield proxy
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[MotoServer]:
+    """One `moto_server` process for the session: a real HTTP S3 endpoint on 127.0.0.1."""
+    server = MotoServer(env=CREDENTIALS)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Test credentials and AWS_ENDPOINT_URL pointing at the session's moto server."""
+    from syncd.sources.s3 import forget_clients
+
+    for name in CLEARED:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server.url)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    forget_clients()
+    yield moto_server.url
+    forget_clients()
+
+
+@pytest.fixture
+def bucket(s3_env: str) -> Bucket:
+    """A fresh, empty bucket on the moto server."""
+    return Bucket(s3_env)

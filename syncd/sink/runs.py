@@ -23,9 +23,12 @@ class Runs:
         self._experiments: dict[str, str] = {}
         # Experiments this sink created: they hold no runs but the ones it made itself,
         # so a record without a ledger mapping needs no adoption search there, unless
-        # a create of that record failed or went unanswered (``_uncertain``).
+        # a create of that record failed or went unanswered (``_uncertain``) or this
+        # sink already created its run (``_created_runs``: the ledger lost the binding,
+        # e.g. its commit failed, and the record is resolved again).
         self._created_experiments: set[str] = set()
         self._uncertain: set[str] = set()
+        self._created_runs: set[str] = set()
 
     def experiment_id(self, name: str) -> str:
         cached = self._experiments.get(name)
@@ -93,7 +96,9 @@ class Runs:
         with self.calls.serialised():
             experiment_id = self.experiment_id(spec.experiment)
             search = (
-                spec.record_id in self._uncertain or experiment_id not in self._created_experiments
+                spec.record_id in self._uncertain
+                or spec.record_id in self._created_runs
+                or experiment_id not in self._created_experiments
             )
             tags = dict(spec.tags)
             if parent_run_id:
@@ -132,6 +137,7 @@ class Runs:
                     attempt += 1
                     continue
                 self._uncertain.discard(spec.record_id)
+                self._created_runs.add(spec.record_id)
                 log.debug("run_created", run_id=run.info.run_id, record_id=spec.record_id)
                 return ApplyResult(
                     run_id=run.info.run_id, experiment_id=experiment_id, created=True

@@ -128,7 +128,9 @@ class Writes:
         # An upload may take longer than one request's timeout: allow for 1 MiB/s.
         saved, self.calls.call_deadline = (
             self.calls.call_deadline,
-            self.calls.call_deadline + _size_of(upload.local_path) / MIN_UPLOAD_BYTES_PER_S,
+            self.calls.call_deadline
+            + (upload.size if upload.size is not None else _size_of(upload.local_path))
+            / MIN_UPLOAD_BYTES_PER_S,
         )
         try:
             with ExitStack() as stack:

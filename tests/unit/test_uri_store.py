@@ -224,3 +224,26 @@ def test_delete_tag_fails_clearly(client: MlflowClient) -> None:
     run_id = client.create_run("0", tags={"k": "v"}).info.run_id
     with pytest.raises(MlflowException, match="delete_tag is not supported"):
         client.delete_tag(run_id, "k")
+
+
+def test_async_logging_through_the_fluent_api_loses_nothing(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_ENABLE_ASYNC_LOGGING", "true")
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"syncd://{root}")
+    try:
+        with mlflow.start_run() as run:
+            mlflow.log_param("p", 1)
+            for step in range(100):
+                mlflow.log_metrics({"loss": step, "acc": -step}, step=step)
+    finally:
+        mlflow.set_tracking_uri(previous)
+    events = events_of(record_of(root, run.info.run_id))
+    steps = sorted(
+        e.fields["step"] for e in events if e.type == "metrics" for _ in e.fields["metrics"]
+    )
+    assert steps == sorted(list(range(100)) * 2)
+    assert events[-1].type == "run_finished"

@@ -51,6 +51,82 @@ def _param_value(key: str, value: Any) -> str | int | float | bool:
     return str(value)
 
 
+class RecordWriter:
+    """The append side of one record file, shared by every writer of records.
+
+    Each event is one ``os.write`` of one complete line on a descriptor opened
+    with O_APPEND; a lock gives events from many threads distinct, ordered
+    ``seq``. ``RunRecorder`` and the ``syncd:`` MLflow tracking store both
+    write through it.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._seq = 0
+
+    @property
+    def is_open(self) -> bool:
+        return self._fd is not None
+
+    @property
+    def fd(self) -> int | None:
+        return self._fd
+
+    def open(self) -> tuple[str, int] | None:
+        """Open (creating folders and file); an existing record's (record_id, next seq).
+
+        A torn last line of an existing record is trimmed first.
+        """
+        with self._lock:
+            if self._fd is not None:
+                raise RuntimeError(f"record {self.path} is already open")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            try:
+                existing = _read_existing(fd, self.path)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd = fd
+            self._seq = existing[1] if existing is not None else 0
+            return existing
+
+    def write(self, event_type: str, fields: Mapping[str, Any], ts: int | None = None) -> int:
+        """Append one event (``ts`` defaults to now); its seq."""
+        with self._lock:
+            if self._fd is None:
+                raise RuntimeError(f"record {self.path} is not open (call start() or use 'with')")
+            line = _dumps(
+                {
+                    "v": FORMAT_VERSION,
+                    "seq": self._seq,
+                    "ts": _now_ms() if ts is None else ts,
+                    "type": event_type,
+                    **fields,
+                }
+            )
+            data = (line + "\n").encode()
+            written = os.write(self._fd, data)
+            while written < len(data):  # only on a full disk or a signal; keep the line whole
+                written += os.write(self._fd, data[written:])
+            seq = self._seq
+            self._seq += 1
+            return seq
+
+    def close(self, *, fsync: bool = True) -> None:
+        with self._lock:
+            if self._fd is None:
+                return
+            try:
+                if fsync:
+                    os.fsync(self._fd)
+            finally:
+                os.close(self._fd)
+                self._fd = None
+
+
 class RunRecorder:
     """Append run events to ``<run_dir>/run_record.jsonl``.
 
@@ -81,8 +157,7 @@ class RunRecorder:
         self._parent = parent.record_id if isinstance(parent, RunRecorder) else parent
         self._description = description
         self._lock = threading.Lock()
-        self._fd: int | None = None
-        self._seq = 0
+        self._writer = RecordWriter(self.path)
         self._record_id: str | None = None
         self._finished = False
 
@@ -98,25 +173,19 @@ class RunRecorder:
     def start(self) -> RunRecorder:
         """Open the record: a new one (run_started) or an existing one (run_resumed)."""
         with self._lock:
-            if self._fd is not None:
+            if self._writer.is_open:
                 return self
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-            try:
-                existing = self._read_existing(fd)
-                if existing is None and not self._experiment:
-                    raise ValueError("a new run needs an experiment name")
-            except BaseException:
-                os.close(fd)
-                raise
-            self._fd = fd
+            existing = self._writer.open()
+            if existing is None and not self._experiment:
+                self._writer.close(fsync=False)
+                raise ValueError("a new run needs an experiment name")
             self._finished = False
             if existing is None:
                 self._record_id = uuid.uuid4().hex
-                self._write("run_started", self._start_fields())
+                self._writer.write("run_started", self._start_fields())
             else:
-                self._record_id, self._seq = existing
-                self._write("run_resumed", {})
+                self._record_id = existing[0]
+                self._writer.write("run_resumed", {})
         return self
 
     def finish(self, status: str = "FINISHED") -> None:
@@ -124,13 +193,11 @@ class RunRecorder:
         if status not in ("FINISHED", "FAILED", "KILLED"):
             raise ValueError(f"status must be FINISHED, FAILED or KILLED, not {status!r}")
         with self._lock:
-            if self._fd is None or self._finished:
+            if not self._writer.is_open or self._finished:
                 return
-            self._write("run_finished", {"status": status})
+            self._writer.write("run_finished", {"status": status})
             self._finished = True
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = None
+            self._writer.close(fsync=True)
 
     def __enter__(self) -> RunRecorder:
         return self.start()
@@ -190,23 +257,12 @@ class RunRecorder:
 
     # -- internals -----------------------------------------------------------------
 
-    def _append(self, event_type: str, fields: dict[str, Any]) -> None:
-        with self._lock:
-            if self._fd is None:
-                raise RuntimeError(f"record {self.path} is not open (call start() or use 'with')")
-            self._write(event_type, fields)
+    @property
+    def _fd(self) -> int | None:
+        return self._writer.fd
 
-    def _write(self, event_type: str, fields: dict[str, Any]) -> None:
-        """One event, one write() of one complete line. Caller holds the lock."""
-        assert self._fd is not None
-        line = _dumps(
-            {"v": FORMAT_VERSION, "seq": self._seq, "ts": _now_ms(), "type": event_type, **fields}
-        )
-        data = (line + "\n").encode()
-        written = os.write(self._fd, data)
-        while written < len(data):  # only on a full disk or a signal; keep the line whole
-            written += os.write(self._fd, data[written:])
-        self._seq += 1
+    def _append(self, event_type: str, fields: dict[str, Any]) -> None:
+        self._writer.write(event_type, fields)
 
     def _start_fields(self) -> dict[str, Any]:
         tags = {
@@ -245,29 +301,30 @@ class RunRecorder:
             fields["artifact_path"] = artifact_path
         return fields
 
-    def _read_existing(self, fd: int) -> tuple[str, int] | None:
-        """(record_id, next seq) of an existing record; trims a torn last line."""
-        size = os.fstat(fd).st_size
-        if size == 0:
-            return None
-        data = os.pread(fd, size, 0)
-        end = data.rfind(b"\n") + 1
-        if end < size:
-            _log.warning("trimming an unfinished last line (%d bytes) of %s", size - end, self.path)
-            os.ftruncate(fd, end)
-        if end == 0:
-            return None
-        first = json.loads(data[: data.find(b"\n")])
-        last_seq = -1
-        for raw in reversed(data[: end - 1].split(b"\n")):
-            try:
-                seq = json.loads(raw).get("seq")
-            except ValueError:
-                continue
-            if isinstance(seq, int):
-                last_seq = seq
-                break
-        return str(first["record_id"]), last_seq + 1
+
+def _read_existing(fd: int, path: Path) -> tuple[str, int] | None:
+    """(record_id, next seq) of an existing record; trims a torn last line."""
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return None
+    data = os.pread(fd, size, 0)
+    end = data.rfind(b"\n") + 1
+    if end < size:
+        _log.warning("trimming an unfinished last line (%d bytes) of %s", size - end, path)
+        os.ftruncate(fd, end)
+    if end == 0:
+        return None
+    first = json.loads(data[: data.find(b"\n")])
+    last_seq = -1
+    for raw in reversed(data[: end - 1].split(b"\n")):
+        try:
+            seq = json.loads(raw).get("seq")
+        except ValueError:
+            continue
+        if isinstance(seq, int):
+            last_seq = seq
+            break
+    return str(first["record_id"]), last_seq + 1
 
 
 def _user() -> str:

@@ -16,6 +16,7 @@ import copy
 import fcntl
 import json
 import os
+import socket
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -579,6 +580,22 @@ class Ledger:
             ).first()
         if holder is None:  # released between our two statements: try again
             return self.acquire_lease(source, owner, ttl)
+        if _dead_local_owner(holder[0]):
+            # A process of this host that died (a SIGKILL, a crash) holds it: waiting for
+            # the expiry would only delay the restarted service. Take it over, unless
+            # someone else did first.
+            with self._tx() as conn:
+                taken = conn.execute(
+                    leases.update()
+                    .where(*key, leases.c.owner == holder[0])
+                    .values(
+                        owner=owner, expires_at=self._db_now() + ttl, acquired_at=self._db_now()
+                    )
+                )
+            if taken.rowcount == 1:
+                log.info("lease_taken_over", source=source, dead_owner=holder[0])
+                return Lease(source, owner, ttl)
+            return self.acquire_lease(source, owner, ttl)
         return LeaseHolder(owner=holder[0], expires_in=max(0.0, float(holder[1])))
 
     def renew_lease(self, lease: Lease) -> None:
@@ -807,6 +824,23 @@ class Ledger:
             "last_sync_at": last_sync,
             "records_with_errors": problems,
         }
+
+
+def _dead_local_owner(owner: str) -> bool:
+    """True when a lease owner (``host:pid:token``) is a process of this host that is gone."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    if int(pid) == os.getpid():
+        return False  # a writer thread of this very process: it is alive
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _legacy_revision(conn: Connection) -> str | None:

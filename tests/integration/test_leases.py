@@ -117,3 +117,28 @@ def test_a_takeover_continues_from_the_last_checkpoint(ledger: Ledger, tmp_path:
     (run,) = sink.runs.values()
     assert sorted(p[1] for p in run["points"]) == [1, 2, 3]
     record.close()
+
+
+def test_a_lease_of_a_dead_process_of_this_host_is_taken_over_at_once(ledger: Ledger) -> None:
+    """A SIGKILLed service restarts and continues at once, without waiting for the TTL."""
+    import socket
+    import subprocess
+    import sys
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    dead = f"{socket.gethostname()}:{gone}:a"
+    assert isinstance(ledger.acquire_lease(SOURCE, dead, ttl=600), Lease)
+    restarted = ledger.acquire_lease(SOURCE, f"{socket.gethostname()}:{1}:b", ttl=30)
+    assert isinstance(restarted, Lease)
+    # a live holder (this process) or one on another host keeps its lease until it expires
+    alive = f"{socket.gethostname()}:{1}:c"
+    assert isinstance(ledger.acquire_lease(SOURCE, alive, ttl=30), LeaseHolder)
+    elsewhere = "another-host:12345:d"
+    ledger.release_lease(restarted)
+    assert isinstance(ledger.acquire_lease(SOURCE, elsewhere, ttl=600), Lease)
+    assert isinstance(ledger.acquire_lease(SOURCE, alive, ttl=30), LeaseHolder)

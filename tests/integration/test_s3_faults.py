@@ -1,0 +1,101 @@
+"""S3 faults under backfill: moto's server behind the fault-injecting proxy (real HTTP).
+
+The root's ``endpoint_url`` is the proxy, so every request syncd sends to S3
+crosses it; the test's own uploads and deletions go to moto directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from fault_proxy import Fault, FaultProxy
+from helpers import artifact_files, history, line, runs_by_record, started
+from moto_s3 import Bucket
+
+from syncd.backfill import backfill
+from syncd.config import Root, load_config
+from syncd.sources.s3 import client_for
+
+SLOW_DOWN = (
+    "application/xml",
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message>"
+    b"<RequestId>injected</RequestId></Error>",
+)
+
+
+@pytest.fixture
+def s3_proxy(bucket: Bucket) -> Iterator[FaultProxy]:
+    """A fault proxy in front of the test's moto server, passing through."""
+    port = urlsplit(bucket.endpoint).port
+    assert port is not None
+    with FaultProxy(port) as proxy:
+        yield proxy
+
+
+def settings_for(root: dict[str, Any], tracking_uri: str, workdir: Path) -> Any:
+    return load_config(
+        None,
+        overrides={
+            "roots": [root],
+            "tracking_uri": tracking_uri,
+            "state_dir": str(workdir / ".syncd"),
+            "timeouts.http": 5,
+        },
+        env={},
+    )
+
+
+def record_text(record_id: str, steps: int) -> str:
+    lines = [started(record_id, experiment="s3f")]
+    for step in range(steps):
+        lines.append(line(len(lines), "metrics", metrics={"loss": float(step)}, step=step))
+    return "".join(lines)
+
+
+def retry_attempts(client: Any) -> list[int]:
+    """RetryAttempts of every S3 call the client completes from now on."""
+    attempts: list[int] = []
+
+    def hook(parsed: dict[str, Any], **_kw: Any) -> None:
+        attempts.append(int(parsed.get("ResponseMetadata", {}).get("RetryAttempts", 0)))
+
+    client.meta.events.register("after-call.s3", hook)
+    return attempts
+
+
+def test_throttled_gets_and_lists_are_retried_to_an_exact_mirror(
+    bucket: Bucket, s3_proxy: FaultProxy, tracking_uri: str, client: Any, workdir: Path
+) -> None:
+    steps = {"rec-0": 3, "rec-1": 5, "rec-2": 8}
+    for n, (record_id, count) in enumerate(steps.items()):
+        bucket.put(f"runs/{n}/run_record.jsonl", record_text(record_id, count))
+    bucket.put("runs/2/model.bin", b"weights")
+    bucket.put(
+        "runs/2/run_record.jsonl",
+        record_text("rec-2", 8) + line(9, "artifact", path="model.bin"),
+    )
+    root = {"path": bucket.uri("runs"), "endpoint_url": s3_proxy.url}
+    s3_proxy.fail_with_503(every=2, methods=("GET",), reply=SLOW_DOWN)
+    attempts = retry_attempts(client_for(Root(**root), 5.0))
+
+    summary = backfill(settings_for(root, tracking_uri, workdir))
+
+    assert summary.clean, summary.errors
+    assert summary.synced == 3 and summary.metric_points == sum(steps.values())
+    throttled = s3_proxy.fault_count(Fault.ERROR_503)
+    assert throttled >= 3  # the listing and the record reads were throttled
+    assert sum(attempts) == throttled, (attempts, throttled)  # each one retried, once
+    runs = runs_by_record(client)
+    assert set(runs) == set(steps)
+    for record_id, count in steps.items():
+        points = history(client, runs[record_id].info.run_id, "loss")
+        assert [(s, v) for s, _t, v in points] == [(s, float(s)) for s in range(count)]
+    assert artifact_files(client, runs["rec-2"].info.run_id) == ["model.bin"]
+    again = backfill(settings_for(root, tracking_uri, workdir))
+    assert again.clean and again.unchanged == 3
+    print(f"throttled {throttled} of {sum(s3_proxy.calls.values())} calls; all retried")

@@ -151,7 +151,8 @@ class Engine:
         This is the record boundary: no exception from one record escapes it but
         a ledger failure (the ledger is shared by every record) and signals. MLflow
         being unavailable leaves the record ``waiting``; anything else leaves it
-        ``failed`` with the reason. Both are retried with backoff.
+        ``failed`` with the reason. Both are retried with backoff. A record that
+        vanishes while it is read is ``gone`` (no error: it was deleted).
         """
         try:
             return self._sync(record, row)
@@ -159,6 +160,10 @@ class Engine:
             raise
         except _Claimed as exc:
             return self._block(record, str(exc))
+        except FileNotFoundError:
+            # Deleted between its discovery (a listing, a stat) and a read: gone, as if
+            # never listed; what was acknowledged stays, and it is read again if it returns.
+            return self._gone(record, self.ledger.get_record(record.uri))
         except TransientSinkError as exc:
             return self._hold(record, WAITING, exc)
         except Exception as exc:  # the record boundary: contain, report, go on

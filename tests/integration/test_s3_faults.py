@@ -6,12 +6,14 @@ crosses it; the test's own uploads and deletions go to moto directly.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from daemon_helpers import wait_for
 from fault_proxy import Fault, FaultProxy
 from helpers import artifact_files, history, line, runs_by_record, started
 from moto_s3 import Bucket
@@ -99,3 +101,33 @@ def test_throttled_gets_and_lists_are_retried_to_an_exact_mirror(
     again = backfill(settings_for(root, tracking_uri, workdir))
     assert again.clean and again.unchanged == 3
     print(f"throttled {throttled} of {sum(s3_proxy.calls.values())} calls; all retried")
+
+
+def test_an_object_deleted_between_list_and_get_is_reported_gone(
+    bucket: Bucket, s3_proxy: FaultProxy, tracking_uri: str, client: Any, workdir: Path
+) -> None:
+    for name in ("a", "b", "c"):
+        bucket.put(f"runs/{name}/run_record.jsonl", record_text(f"rec-{name}", 2))
+    root = {"path": bucket.uri("runs"), "endpoint_url": s3_proxy.url}
+    # The listing goes through; the first GET of b's record is held until b is deleted.
+    hold = s3_proxy.stall(path=r"/runs/b/run_record\.jsonl$", methods=("GET",))
+    done: list[Any] = []
+    worker = threading.Thread(
+        target=lambda: done.append(backfill(settings_for(root, tracking_uri, workdir)))
+    )
+    worker.start()
+    try:
+        wait_for(lambda: s3_proxy.held == 1, 30, 0.02, "the GET of b held")
+        bucket.delete("runs/b/run_record.jsonl")
+    finally:
+        s3_proxy.remove(hold)
+        worker.join(60)
+    [summary] = done
+
+    assert summary.records == 3 and summary.synced == 2 and summary.gone == 1
+    assert summary.clean, summary.errors  # exit 0: a record deleted under syncd is no error
+    assert set(runs_by_record(client)) == {"rec-a", "rec-c"}
+    bucket.put("runs/b/run_record.jsonl", record_text("rec-b", 2))  # written again
+    again = backfill(settings_for(root, tracking_uri, workdir))
+    assert again.clean and again.unchanged == 2 and again.metric_points == 2
+    assert len(history(client, runs_by_record(client)["rec-b"].info.run_id, "loss")) == 2

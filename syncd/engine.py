@@ -130,6 +130,7 @@ class Engine:
         backoff: RetryBackoff | None = None,
         bounded: Bounded | None = None,
         should_stop: Callable[[], bool] | None = None,
+        locate: Callable[[str], RecordFile | None] | None = None,
     ) -> None:
         self.ledger = ledger
         self.sink = sink
@@ -141,6 +142,9 @@ class Engine:
         # Asked between chunks: True stops a long record there (what was acknowledged
         # is kept; the rest is read on the next sync).
         self.should_stop = should_stop or (lambda: False)
+        # The record at a ledger URI (None: a source this process cannot ask), to tell
+        # whether an earlier holder of a record_id still exists.
+        self.locate = locate or locate_local
 
     def sync(self, record: RecordFile, row: RecordRow | _Unset | None = _UNSET) -> Outcome:
         """Bring MLflow up to date with the complete lines of ``record``.
@@ -271,12 +275,31 @@ class Engine:
     def _claimed_elsewhere(self, record: RecordFile, record_id: str) -> None:
         """Raise _Claimed when another live record file already holds ``record_id``."""
         for other in self.ledger.claimants(record_id, besides=record.uri):
-            if other.source.startswith("file://") and not path_from_uri(other.source).exists():
-                continue  # moved or deleted: this file continues the run
+            if self._vanished(other.source):
+                continue  # moved or deleted: this record continues the run
             raise _Claimed(
                 f"record_id {record_id} is already used by {_display(other.source)};"
                 f" {record.display} is held back (give one of them a new record_id)"
             )
+
+    def _vanished(self, uri: str) -> bool:
+        """True when the record at ``uri`` is gone (a stat: a HEAD for an S3 object).
+
+        A source that cannot be asked (an unknown scheme) counts as present; a source
+        that cannot answer now (an endpoint down) raises, and the record is retried.
+        """
+        other = self.locate(uri)
+        if other is None:
+            return False
+        try:
+            other.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return True
+        finally:
+            close = getattr(other, "close", None)
+            if close is not None:
+                close()
+        return False
 
     def _hold(self, record: RecordFile, state: str, exc: BaseException) -> Outcome:
         """Leave the record at its last acknowledged offset, ``waiting`` or ``failed``."""
@@ -492,6 +515,13 @@ class Engine:
             row.state = GONE
             self.ledger.commit(Progress(record=row, kind="gone", detail="source file deleted"))
         return Outcome(source=record.display, state=GONE)
+
+
+def locate_local(uri: str) -> RecordFile | None:
+    """The local record at a ``file://`` URI; None for any other source."""
+    from syncd.sources.local import LocalRecord
+
+    return LocalRecord(path_from_uri(uri)) if uri.startswith("file://") else None
 
 
 class _Claimed(Exception):

@@ -27,7 +27,13 @@ from typing import Any
 import structlog
 
 from syncd.artifacts import clean_stale_stages
-from syncd.backfill import iter_record_files, open_ledger, root_experiments, sink_key
+from syncd.backfill import (
+    iter_record_files,
+    open_ledger,
+    record_locator,
+    root_experiments,
+    sink_key,
+)
 from syncd.config import Settings, load_config
 from syncd.engine import Engine, Outcome
 from syncd.errors import ConfigError, SyncdError
@@ -221,6 +227,7 @@ class Daemon:
             on_step=self._beat,
             bounded=self.supervisor.bounded,
             should_stop=self._past_drain_deadline,
+            locate=record_locator(settings.roots, settings.timeouts.http),
         )
         return ledger, sink, engine
 
@@ -641,6 +648,7 @@ class Daemon:
             self._check_sink()
         elif self.engine is not None:
             self.engine.default_experiment = root_experiments(new.roots)
+            self.engine.locate = record_locator(new.roots, new.timeouts.http)
         self._start_watcher()
         self.next_rescan = 0.0
         self.notifier.ready(self._status_line())

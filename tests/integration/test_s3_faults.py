@@ -131,3 +131,40 @@ def test_an_object_deleted_between_list_and_get_is_reported_gone(
     again = backfill(settings_for(root, tracking_uri, workdir))
     assert again.clean and again.unchanged == 2 and again.metric_points == 2
     assert len(history(client, runs_by_record(client)["rec-b"].info.run_id, "loss")) == 2
+
+
+def test_an_object_moved_to_another_key_continues_its_run(
+    bucket: Bucket, s3_proxy: FaultProxy, tracking_uri: str, client: Any, workdir: Path
+) -> None:
+    root = {"path": bucket.uri("runs"), "endpoint_url": s3_proxy.url}
+    bucket.put("runs/a/run_record.jsonl", record_text("rec-m", 3))
+    bucket.put("runs/other/run_record.jsonl", record_text("rec-o", 1))
+    assert backfill(settings_for(root, tracking_uri, workdir)).synced == 2
+    [run_id] = [r.info.run_id for k, r in runs_by_record(client).items() if k == "rec-m"]
+    # Moved (S3 has no rename: copy, then delete) and grown on the way.
+    bucket.put("runs/b/run_record.jsonl", record_text("rec-m", 5))
+    bucket.delete("runs/a/run_record.jsonl")
+
+    summary = backfill(settings_for(root, tracking_uri, workdir))
+
+    assert summary.clean and summary.blocked == 0, summary.errors
+    runs = runs_by_record(client)
+    assert set(runs) == {"rec-m", "rec-o"} and runs["rec-m"].info.run_id == run_id
+    assert [s for s, _t, _v in history(client, run_id, "loss")] == [0, 1, 2, 3, 4]
+    assert runs["rec-m"].data.tags["syncd.source"] == bucket.uri("runs/b/run_record.jsonl")
+
+
+def test_a_copy_under_another_key_is_still_held_back(
+    bucket: Bucket, tracking_uri: str, client: Any, workdir: Path
+) -> None:
+    root = {"path": bucket.uri("runs")}
+    bucket.put("runs/a/run_record.jsonl", record_text("rec-m", 3))
+    backfill(settings_for(root, tracking_uri, workdir))
+    bucket.put("runs/b/run_record.jsonl", record_text("rec-m", 5))  # the first one stays
+
+    summary = backfill(settings_for(root, tracking_uri, workdir))
+
+    assert summary.blocked == 1
+    [err] = summary.errors
+    assert "already used by s3://" in err["reason"] and err["file"].endswith("b/run_record.jsonl")
+    assert len(history(client, runs_by_record(client)["rec-m"].info.run_id, "loss")) == 3

@@ -8,7 +8,8 @@ and systemd restarts the service. Only the loop writes to MLflow, so a SQLite
 store is never contended from here.
 
 Signals: SIGTERM/SIGINT stop reading, drain what is queued (bounded by
-``writer.drain_timeout``) and exit 0; SIGHUP reloads the config file.
+``writer.drain_timeout``) and exit 0; SIGHUP reloads the config file and makes S3
+clients anew (rotated credentials are read).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from syncd.notify import Notifier, watchdog_interval
 from syncd.s3_poller import S3Poller
 from syncd.sink import MlflowSink, RetryPolicy
 from syncd.sources.local import LocalRecord, path_from_uri
-from syncd.sources.s3 import S3Record
+from syncd.sources.s3 import S3Record, forget_clients
 from syncd.supervisor import Supervisor
 from syncd.watch import Watcher
 
@@ -641,6 +642,9 @@ class Daemon:
             return
         configure(new.log.format, new.log.level)
         self._stop_watcher()
+        # S3 clients are made again: credentials (a rotated credentials file, a new
+        # profile), endpoints and regions are read anew, as at start.
+        forget_clients()
         self.settings = new
         if opened is not None:
             self._close_ledger()

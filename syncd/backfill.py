@@ -17,7 +17,7 @@ import structlog
 
 from syncd.artifacts import clean_stale_stages
 from syncd.config import Root, Settings
-from syncd.engine import Engine, Outcome, worker_id
+from syncd.engine import Engine, Outcome, locate_local, worker_id
 from syncd.errors import ConfigError
 from syncd.ledger import (
     BLOCKED,
@@ -270,6 +270,7 @@ def backfill(
     except StoreSchemaError as exc:
         ledger.close()
         raise ConfigError(str(exc)) from exc
+    locate = record_locator(settings.roots, settings.timeouts.http)
     pool = WriterPool(
         [
             (
@@ -280,6 +281,7 @@ def backfill(
                     dry_run=dry_run,
                     worker=worker_id(f"/backfill{index}"),
                     lease_ttl=settings.writer.lease_ttl,
+                    locate=locate,
                 ),
                 each,
             )
@@ -371,6 +373,31 @@ def _needs_writes(record: RecordFile, row: RecordRow | None) -> bool:
         and (row.size, row.mtime_ns) == (size, mtime_ns)
         and row.state in SETTLED_STATES
     )
+
+
+def record_locator(
+    roots: Iterable[Root], timeout: float = 30.0
+) -> Callable[[str], RecordFile | None]:
+    """The record at a ledger URI: local, or an S3 object asked through its root's client
+    (the endpoint and region of the root it lies under; else the default endpoint)."""
+    s3_roots = [root for root in roots if root.is_s3]
+
+    def locate(uri: str) -> RecordFile | None:
+        if uri.startswith("file://"):
+            return locate_local(uri)
+        if not uri.startswith("s3://"):
+            return None
+        bucket, _key = split_uri(uri)
+        root = next(
+            (r for r in s3_roots if uri.startswith(r.path.rstrip("/") + "/")),
+            next(
+                (r for r in s3_roots if split_uri(r.path)[0] == bucket),
+                Root(path=f"s3://{bucket}"),
+            ),
+        )
+        return S3Record.from_uri(client_for(root, timeout), uri)
+
+    return locate
 
 
 def root_experiments(roots: Iterable[Root]) -> Callable[[Any], str | None]:

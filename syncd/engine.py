@@ -146,6 +146,7 @@ class Engine:
         should_stop: Callable[[], bool] | None = None,
         worker: str | None = None,
         lease_ttl: float = LEASE_TTL,
+        locate: Callable[[str], RecordFile | None] | None = None,
     ) -> None:
         self.ledger = ledger
         self.sink = sink
@@ -161,6 +162,9 @@ class Engine:
         self.worker = worker or worker_id()
         self.lease_ttl = lease_ttl
         self._lease: Lease | None = None
+        # The record at a ledger URI (None: a source this process cannot ask), to tell
+        # whether an earlier holder of a record_id still exists.
+        self.locate = locate or locate_local
 
     def sync(self, record: RecordFile, row: RecordRow | _Unset | None = _UNSET) -> Outcome:
         """Bring MLflow up to date with the complete lines of ``record``.
@@ -171,7 +175,8 @@ class Engine:
         This is the record boundary: no exception from one record escapes it but
         a ledger failure (the ledger is shared by every record) and signals. MLflow
         being unavailable leaves the record ``waiting``; anything else leaves it
-        ``failed`` with the reason. Both are retried with backoff.
+        ``failed`` with the reason. Both are retried with backoff. A record that
+        vanishes while it is read is ``gone`` (no error: it was deleted).
         """
         if isinstance(row, _Unset):
             row = self.ledger.get_record(record.uri)
@@ -246,6 +251,10 @@ class Engine:
             raise
         except _Claimed as exc:
             return self._block(record, str(exc))
+        except FileNotFoundError:
+            # Deleted between its discovery (a listing, a stat) and a read: gone, as if
+            # never listed; what was acknowledged stays, and it is read again if it returns.
+            return self._gone(record, self.ledger.get_record(record.uri))
         except TransientSinkError as exc:
             return self._hold(record, WAITING, exc)
         except Exception as exc:  # the record boundary: contain, report, go on
@@ -349,12 +358,31 @@ class Engine:
     def _claimed_elsewhere(self, record: RecordFile, record_id: str) -> None:
         """Raise _Claimed when another live record file already holds ``record_id``."""
         for other in self.ledger.claimants(record_id, besides=record.uri):
-            if other.source.startswith("file://") and not path_from_uri(other.source).exists():
-                continue  # moved or deleted: this file continues the run
+            if self._vanished(other.source):
+                continue  # moved or deleted: this record continues the run
             raise _Claimed(
                 f"record_id {record_id} is already used by {_display(other.source)};"
                 f" {record.display} is held back (give one of them a new record_id)"
             )
+
+    def _vanished(self, uri: str) -> bool:
+        """True when the record at ``uri`` is gone (a stat: a HEAD for an S3 object).
+
+        A source that cannot be asked (an unknown scheme) counts as present; a source
+        that cannot answer now (an endpoint down) raises, and the record is retried.
+        """
+        other = self.locate(uri)
+        if other is None:
+            return False
+        try:
+            other.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return True
+        finally:
+            close = getattr(other, "close", None)
+            if close is not None:
+                close()
+        return False
 
     def _hold(self, record: RecordFile, state: str, exc: BaseException) -> Outcome:
         """Leave the record at its last acknowledged offset, ``waiting`` or ``failed``."""
@@ -617,6 +645,13 @@ class Engine:
             row.state = GONE
             self._commit(Progress(record=row, kind="gone", detail="source file deleted"))
         return Outcome(source=record.display, state=GONE)
+
+
+def locate_local(uri: str) -> RecordFile | None:
+    """The local record at a ``file://`` URI; None for any other source."""
+    from syncd.sources.local import LocalRecord
+
+    return LocalRecord(path_from_uri(uri)) if uri.startswith("file://") else None
 
 
 class _Claimed(Exception):

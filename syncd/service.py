@@ -9,7 +9,8 @@ and systemd restarts the service. The loop hands records to its writers
 MLflow server or a database store, distinct records in parallel.
 
 Signals: SIGTERM/SIGINT stop reading, drain what is queued (bounded by
-``writer.drain_timeout``) and exit 0; SIGHUP reloads the config file.
+``writer.drain_timeout``) and exit 0; SIGHUP reloads the config file and makes S3
+clients anew (rotated credentials are read).
 """
 
 from __future__ import annotations
@@ -30,7 +31,13 @@ from typing import Any
 import structlog
 
 from syncd.artifacts import clean_stale_stages
-from syncd.backfill import iter_record_files, open_ledger, root_experiments, sink_key
+from syncd.backfill import (
+    iter_record_files,
+    open_ledger,
+    record_locator,
+    root_experiments,
+    sink_key,
+)
 from syncd.config import Settings, load_config
 from syncd.engine import Engine, Outcome, worker_id
 from syncd.errors import ConfigError, SyncdError
@@ -41,7 +48,7 @@ from syncd.notify import Notifier, watchdog_interval
 from syncd.s3_poller import S3Poller
 from syncd.sink import MlflowSink, RetryPolicy
 from syncd.sources.local import LocalRecord, path_from_uri
-from syncd.sources.s3 import S3Record
+from syncd.sources.s3 import S3Record, forget_clients
 from syncd.supervisor import Supervisor
 from syncd.watch import Watcher
 from syncd.writers import WriterPool, writer_count
@@ -214,6 +221,7 @@ class Daemon:
         assert ledger is not None
         count = writer_count(settings.tracking_uri, settings.writer.concurrency)
         writers: list[tuple[Engine, MlflowSink]] = []
+        locate = record_locator(settings.roots, settings.timeouts.http)
         for index in range(count):
             sink = MlflowSink(
                 settings.tracking_uri,
@@ -233,6 +241,7 @@ class Daemon:
                 should_stop=self._past_drain_deadline,
                 worker=worker_id(f"/w{index}"),
                 lease_ttl=settings.writer.lease_ttl,
+                locate=locate,
             )
             writers.append((engine, sink))
         if count > 1:
@@ -689,6 +698,9 @@ class Daemon:
             return
         configure(new.log.format, new.log.level)
         self._stop_watcher()
+        # S3 clients are made again: credentials (a rotated credentials file, a new
+        # profile), endpoints and regions are read anew, as at start.
+        forget_clients()
         self.settings = new
         if opened is not None:
             self._close_pool()
@@ -696,8 +708,10 @@ class Daemon:
             self._use(*opened)
             self._check_sink()
         elif self.pool is not None:
+            locate = record_locator(new.roots, new.timeouts.http)
             for engine in self.pool.engines:
                 engine.default_experiment = root_experiments(new.roots)
+                engine.locate = locate
         self._start_watcher()
         self.next_rescan = 0.0
         self.notifier.ready(self._status_line())

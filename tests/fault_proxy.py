@@ -17,7 +17,7 @@ very next call). Faults can be switched at run time from any thread:
   :meth:`FaultProxy.release`, before they are forwarded.
 
 Rules match a regular expression searched in the URL path (``None``: every
-path) and combine: a call may be stalled, then answered 503 or have its reply
+path), optionally only some HTTP methods, and combine: a call may be stalled, then answered 503 or have its reply
 lost. Calls are counted per path (``calls``) and per fault (``faults``).
 """
 
@@ -71,13 +71,17 @@ class Rule:
     every: int = 1
     first_per_body: bool = False  # count only the first call with a given body (not retries)
     seconds: float | None = None  # STALL: how long; None holds until released
+    methods: frozenset[str] | None = None  # HTTP methods that match (None: every method)
+    reply: tuple[str, bytes] | None = None  # ERROR_503: (content type, body) instead of JSON
     released: threading.Event = field(default_factory=threading.Event)
     matched: int = 0
     _bodies: set[bytes] = field(default_factory=set)
 
-    def fires(self, path: str, body: bytes) -> bool:
+    def fires(self, path: str, body: bytes, method: str = "GET") -> bool:
         """Count the call if it matches; True when this one gets the fault (caller holds the lock)."""
         if self.path is not None and not self.path.search(path):
+            return False
+        if self.methods is not None and method.upper() not in self.methods:
             return False
         if self.first_per_body:
             if body in self._bodies:
@@ -92,6 +96,7 @@ class _Decision:
     refuse: bool = False
     stalls: list[Rule] = field(default_factory=list)
     error_503: bool = False
+    reply_503: tuple[str, bytes] | None = None
     lose_reply: bool = False
 
 
@@ -200,16 +205,34 @@ class FaultProxy:
             self._rules.append(rule)
         return rule
 
-    def fail_with_503(self, every: int = 1, path: str | None = None) -> Rule:
-        return self.add(Rule(Fault.ERROR_503, _compile(path), every))
+    def fail_with_503(
+        self,
+        every: int = 1,
+        path: str | None = None,
+        *,
+        methods: tuple[str, ...] | None = None,
+        reply: tuple[str, bytes] | None = None,
+    ) -> Rule:
+        """Answer every ``every``-th matching call 503; ``reply`` is (content type, body)
+        (default: MLflow's JSON), ``methods`` limits the rule to some HTTP methods."""
+        allowed = frozenset(m.upper() for m in methods) if methods is not None else None
+        return self.add(Rule(Fault.ERROR_503, _compile(path), every, methods=allowed, reply=reply))
 
     def lose_replies(
         self, every: int = 1, path: str | None = None, *, first_per_body: bool = False
     ) -> Rule:
         return self.add(Rule(Fault.LOSE_REPLY, _compile(path), every, first_per_body))
 
-    def stall(self, seconds: float | None = None, path: str | None = None, every: int = 1) -> Rule:
-        return self.add(Rule(Fault.STALL, _compile(path), every, seconds=seconds))
+    def stall(
+        self,
+        seconds: float | None = None,
+        path: str | None = None,
+        every: int = 1,
+        *,
+        methods: tuple[str, ...] | None = None,
+    ) -> Rule:
+        allowed = frozenset(m.upper() for m in methods) if methods is not None else None
+        return self.add(Rule(Fault.STALL, _compile(path), every, seconds=seconds, methods=allowed))
 
     def remove(self, rule: Rule) -> None:
         rule.released.set()
@@ -258,7 +281,7 @@ class FaultProxy:
                 self._faults[(Fault.REFUSED, "")] += 1
             return self._resetting
 
-    def _decide(self, path: str, body: bytes) -> _Decision:
+    def _decide(self, path: str, body: bytes, method: str = "GET") -> _Decision:
         decision = _Decision()
         with self._lock:
             self._calls[path] += 1
@@ -267,13 +290,14 @@ class FaultProxy:
                 decision.refuse = True
                 return decision
             for rule in self._rules:
-                if not rule.fires(path, body):
+                if not rule.fires(path, body, method):
                     continue
                 self._faults[(rule.kind, path)] += 1
                 if rule.kind is Fault.STALL:
                     decision.stalls.append(rule)
                 elif rule.kind is Fault.ERROR_503:
                     decision.error_503 = True
+                    decision.reply_503 = decision.reply_503 or rule.reply
                 else:
                     decision.lose_reply = True
         return decision
@@ -315,15 +339,18 @@ class _Handler(BaseHTTPRequestHandler):
         proxy = self.server.proxy
         body = self._read_body()
         path = urlsplit(self.path).path
-        decision = proxy._decide(path, body)
+        decision = proxy._decide(path, body, self.command)
         if decision.refuse:
             _reset(self.connection)
             return
         if decision.stalls:
             proxy._hold(decision.stalls)
         if decision.error_503:
-            payload = b'{"error_code": "TEMPORARILY_UNAVAILABLE", "message": "injected 503"}'
-            self._reply(503, "Service Unavailable", [("Content-Type", "application/json")], payload)
+            content_type, payload = decision.reply_503 or (
+                "application/json",
+                b'{"error_code": "TEMPORARILY_UNAVAILABLE", "message": "injected 503"}',
+            )
+            self._reply(503, "Service Unavailable", [("Content-Type", content_type)], payload)
             return
         headers = [(k, v) for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP]
         try:

@@ -2,11 +2,12 @@
 
 Three parts, kept apart:
 
-- the **expected** state of a record (:mod:`syncd.verify.expected`), built with the reader and projection
-  syncd itself uses (``read_complete_lines`` -> ``parse_lines`` -> ``plan_writes``,
-  in bounded chunks), so verify expects exactly what a backfill writes: names
-  MLflow refuses are not expected, long params are truncated, a param keeps its
-  first value, a blocked record is expected up to the held-back line;
+- the **expected** state of a record (:mod:`syncd.verify.expected`), built
+  with the reader and projection syncd itself uses (``read_complete_lines`` ->
+  ``parse_lines`` -> ``plan_writes``, in bounded chunks), so verify expects
+  exactly what a backfill writes: names MLflow refuses are not expected, long
+  params are truncated, a param keeps its first value, a blocked record is
+  expected up to the held-back line;
 - the **found** state, read through ``MlflowClient`` (:class:`MlflowView`) and
   the ledger opened read-only (:class:`LedgerView`), in :mod:`syncd.verify.views`;
 - :func:`compare`, pure: expected and found in, differences out

@@ -186,6 +186,8 @@ def test_a_ledger_from_the_first_schema_is_upgraded_in_place(
     with sqlite3.connect(ledger_db) as conn:  # back to schema 1
         for column in ("attempts", "next_attempt_at", "version", "tail"):
             conn.execute(f'ALTER TABLE syncd_records DROP COLUMN "{column}"')
+        conn.execute("DROP TABLE syncd_leases")  # added later too
+        conn.execute('ALTER TABLE syncd_sync_events DROP COLUMN "worker"')
         conn.execute("DROP TABLE syncd_alembic_version")  # made before migrations existed
 
     write(path.parent, metric_lines(3, range(2, 4)), mode="a")

@@ -7,6 +7,7 @@ counted with a botocore hook on syncd's own client.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -279,3 +280,47 @@ def test_verify_reads_s3_records(bucket: Bucket, tracking_uri: str, workdir: Pat
     assert totals.records == 2
     assert by_file[bucket.uri("runs/v/run_record.jsonl")].differences == []
     assert by_file[bucket.uri("runs/w/run_record.jsonl")].differences != []
+
+
+def test_resync_of_an_s3_root_after_an_mlflow_restore_brings_back_what_was_lost(
+    bucket: Bucket, tracking_uri: str, client: Any, workdir: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from syncd.cli import app
+
+    key = "runs/r/run_record.jsonl"
+    bucket.put("runs/r/report.txt", b"final report\n")
+    bucket.put(key, record_text("rec-r", range(5)))
+    bucket.put("runs/s/run_record.jsonl", record_text("rec-s", range(2)))
+    assert sync([bucket.uri("runs")], tracking_uri, workdir).clean
+    db = Path(tracking_uri.removeprefix("sqlite:///"))
+    backup = workdir / "backup.db"
+    shutil.copy(db, backup)  # the backup holds the runs and 5 + 2 points
+
+    grown = record_text("rec-r", range(10)) + line(11, "artifact", path="report.txt")
+    bucket.put(key, grown + line(12, "run_finished", status="FINISHED"))
+    assert sync([bucket.uri("runs")], tracking_uri, workdir).metric_points == 5
+    run_id = runs_by_record(client)["rec-r"].info.run_id
+    expected = history(client, run_id, "loss")
+    assert len(expected) == 10
+
+    shutil.copy(backup, db)  # MLflow restored from the backup: 5 points, no artifact
+    assert len(history(client, run_id, "loss")) == 5
+    assert sync([bucket.uri("runs")], tracking_uri, workdir).unchanged == 2  # trusts the ledger
+
+    state = ["--tracking-uri", tracking_uri, "--state-dir", str(workdir / ".syncd")]
+    done = CliRunner().invoke(app, ["resync", bucket.uri("runs"), *state, "--json"])
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["records"] == 2
+    runs = runs_by_record(client)  # raises on a duplicate run
+    assert set(runs) == {"rec-r", "rec-s"} and runs["rec-r"].info.run_id == run_id
+    assert history(client, run_id, "loss") == expected
+    assert runs["rec-r"].info.status == "FINISHED"
+    assert artifact_files(client, run_id) == ["report.txt"]
+    assert len(history(client, runs["rec-s"].info.run_id, "loss")) == 2
+
+    again = CliRunner().invoke(app, ["resync", bucket.uri("runs/r"), *state])  # idempotent
+    assert again.exit_code == 0, again.output
+    assert history(client, run_id, "loss") == expected
+    assert len(runs_by_record(client)) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -149,3 +150,112 @@ def test_a_missing_bucket_is_reported_and_other_roots_work(
         assert proc.stop() == 0
     finally:
         proc.kill()
+
+
+def strict_server_with_a_user() -> tuple[MotoServer, dict[str, str]]:
+    """A moto server that checks credentials, and the keys of a user allowed s3:*."""
+    import boto3
+
+    # The first three requests (the IAM setup below) are let through unsigned.
+    server = MotoServer(env={**CREDENTIALS, "INITIAL_NO_AUTH_ACTION_COUNT": "3"})
+    server.start()
+    iam = boto3.session.Session(**_session_keys(CREDENTIALS)).client("iam", endpoint_url=server.url)
+    iam.create_user(UserName="syncd")
+    policy = '{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*",'
+    iam.put_user_policy(
+        UserName="syncd", PolicyName="s3", PolicyDocument=policy + ' "Resource": "*"}]}'
+    )
+    key = iam.create_access_key(UserName="syncd")["AccessKey"]
+    return server, {
+        "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+        "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+    }
+
+
+def _session_keys(env: dict[str, str]) -> dict[str, str]:
+    return {
+        "aws_access_key_id": env["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": env["AWS_SECRET_ACCESS_KEY"],
+        "region_name": "us-east-1",
+    }
+
+
+def write_credentials(path: Path, keys: dict[str, str]) -> None:
+    path.write_text(
+        "[default]\n"
+        f"aws_access_key_id = {keys['AWS_ACCESS_KEY_ID']}\n"
+        f"aws_secret_access_key = {keys['AWS_SECRET_ACCESS_KEY']}\n"
+    )
+
+
+def test_invalid_credentials_name_the_root_and_a_reload_with_valid_ones_recovers(
+    bucket: Bucket,
+    tracking_uri: str,
+    client: Any,
+    workdir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import boto3
+
+    strict, keys = strict_server_with_a_user()
+    try:
+        s3 = boto3.session.Session(**_session_keys(keys)).client("s3", endpoint_url=strict.url)
+        s3.create_bucket(Bucket="strict-runs")
+        s3.put_object(
+            Bucket="strict-runs", Key="runs/s/run_record.jsonl", Body=record_text("rec-s", 2)
+        )
+        bucket.put("runs/a/run_record.jsonl", record_text("rec-a", 1))
+        local = workdir / "local"
+        write_record(local / "one", [started("rec-local-1", experiment="s3d")])
+        strict_root = "s3://strict-runs/runs"
+        config = workdir / "syncd.yaml"
+        config.write_text(
+            "roots:\n"
+            f"  - {{path: '{strict_root}', endpoint_url: '{strict.url}'}}\n"
+            f"  - '{bucket.uri('runs')}'\n"
+            f"  - '{local}'\n"
+        )
+        credentials = workdir / "credentials"
+        write_credentials(credentials, {**keys, "AWS_ACCESS_KEY_ID": "AKIAEXPIREDEXPIRED00"})
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            monkeypatch.delenv(name)  # the daemon reads its keys from the credentials file
+        env = {**daemon_env(bucket.endpoint), "AWS_SHARED_CREDENTIALS_FILE": str(credentials)}
+        del env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]
+        proc = SyncdProcess(
+            workdir,
+            "--config",
+            str(config),
+            "--tracking-uri",
+            tracking_uri,
+            "--state-dir",
+            str(workdir / ".syncd"),
+            env=env,
+        )
+        try:
+
+            def root_reported() -> Any:
+                code, body = proc.health("/readyz")
+                return code == 503 and [r for r in body["reasons"] if strict_root in r]
+
+            [reason] = wait_for(root_reported, 30, 0.2, "/readyz naming the strict root")
+            assert "access key is not valid" in reason
+            _, metrics = proc.get("/metrics")
+            assert f'syncd_root_up{{root="{strict_root}"}} 0.0' in metrics
+            # The other roots keep syncing: the S3 one and the local one, old and new records.
+            wait_for(lambda: points(client, "rec-a") == 1, 30, 0.1, "the other S3 root")
+            bucket.put("runs/b/run_record.jsonl", record_text("rec-b", 2))
+            write_record(local / "two", [started("rec-local-2", experiment="s3d")])
+            wait_for(lambda: points(client, "rec-b") == 2, 30, 0.1, "a new S3 record")
+            wait_for(lambda: "rec-local-2" in runs_by_record(client), 30, 0.1, "the local root")
+            assert "rec-s" not in runs_by_record(client)
+
+            write_credentials(credentials, keys)  # rotated: valid keys, then a reload
+            proc.send(signal.SIGHUP)
+            wait_for(lambda: points(client, "rec-s") == 2, 30, 0.1, "the strict root's record")
+            wait_for(lambda: proc.health("/readyz")[0] == 200, 30, 0.2, "/readyz recovered")
+            assert "AKIAEXPIRED" not in proc.logs()  # keys are never logged
+            assert proc.stop() == 0
+        finally:
+            proc.kill()
+    finally:
+        strict.stop()

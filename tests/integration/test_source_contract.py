@@ -1,6 +1,7 @@
 """The source contract: every record source behaves the same behind ``RecordFile``.
 
-Run over the local filesystem and over S3 (a real HTTP endpoint: moto's server):
+Run over the local filesystem, over S3 (a real HTTP endpoint: moto's server) and
+over the in-memory fake the engine's unit tests use (``tests/memory_source.py``):
 discovery, stat, ranged reads, growth, replacement, deletion, artifact
 resolution (files and folders, digests, staging) and confinement.
 """
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 import pytest
+from memory_source import MemorySource
 from moto_s3 import Bucket, count_calls
 
 from syncd.artifacts import ArtifactRefused, staged
@@ -70,10 +72,12 @@ class S3Harness:
         return S3Record(self.client, self.bucket.name, f"{self.prefix}/{rel}")
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "s3", "memory"])
 def source(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
     if request.param == "local":
         yield LocalHarness(tmp_path / "runs")
+    elif request.param == "memory":
+        yield MemorySource()
     else:
         yield S3Harness(request.getfixturevalue("bucket"))
 

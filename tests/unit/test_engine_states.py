@@ -13,11 +13,22 @@ from typing import Any
 
 import pytest
 from helpers import line, started, write_record
+from memory_source import MemorySource
 
 from syncd.artifacts import ResolvedArtifact
 from syncd.engine import Engine
 from syncd.errors import LedgerError, PermanentSinkError, TransientSinkError
-from syncd.ledger import BOUND, ERROR, FAILED, SYNCED, WAITING, Ledger, LedgerConflict
+from syncd.ledger import (
+    BLOCKED,
+    BOUND,
+    ERROR,
+    FAILED,
+    GONE,
+    SYNCED,
+    WAITING,
+    Ledger,
+    LedgerConflict,
+)
 from syncd.projection import RunSpec, WritePlan
 from syncd.sink import ApplyResult
 from syncd.sources.local import LocalRecord
@@ -251,3 +262,59 @@ def test_a_file_restored_from_an_older_copy_is_projected_again(
     assert sync(engine, path).state == SYNCED
     [run] = sink.runs.values()
     assert any(p[3] == 0.7 for p in run["points"])
+
+
+# -- over the in-memory source (the contract suite checks it behaves as local and S3) --
+
+
+def test_a_record_deleted_while_it_is_read_is_gone_not_failed(ledger: Ledger) -> None:
+    source = MemorySource()
+    rel = "a/run_record.jsonl"
+    source.write(rel, (started("r1") + metrics(1, 0, 0.5)).encode())
+    engine = Engine(ledger, FakeSink())
+    assert engine.sync(source.record(rel)).state == SYNCED
+    synced = ledger.get_record(source.uri(rel))
+    assert synced is not None
+    source.append(rel, metrics(2, 1, 0.25).encode())
+    source.on_read = lambda record, _offset, _length: source.delete(record.key)
+
+    outcome = engine.sync(source.record(rel))
+
+    assert outcome.state == GONE and not outcome.errors and not outcome.message
+    row = ledger.get_record(source.uri(rel))
+    assert row is not None and row.state == GONE and row.offset == synced.offset
+    fresh = source.uri("fresh/run_record.jsonl")  # never synced: nothing to remember
+    source.write("fresh/run_record.jsonl", started("r2").encode())
+    assert engine.sync(source.record("fresh/run_record.jsonl")).state == GONE
+    assert ledger.get_record(fresh) is None
+
+
+def test_a_moved_record_continues_its_run_and_a_copy_is_held_back(ledger: Ledger) -> None:
+    source = MemorySource()
+    sink = FakeSink()
+    engine = Engine(ledger, sink, locate=source.locate)
+    source.write("a/run_record.jsonl", (started("r1") + metrics(1, 0, 0.5)).encode())
+    assert engine.sync(source.record("a/run_record.jsonl")).state == SYNCED
+
+    source.write("copy/run_record.jsonl", source.objects["a/run_record.jsonl"])
+    held = engine.sync(source.record("copy/run_record.jsonl"))
+    assert held.state == BLOCKED and "already used by mem://mem/a/" in (held.message or "")
+
+    source.delete("copy/run_record.jsonl")
+    source.move("a/run_record.jsonl", "b/run_record.jsonl")
+    source.append("b/run_record.jsonl", metrics(2, 1, 0.25).encode())
+    moved = engine.sync(source.record("b/run_record.jsonl"))
+    assert moved.state == SYNCED and moved.metric_points == 2  # replayed: no duplicate
+    [run] = sink.runs.values()
+    assert [p[1] for p in run["points"]] == [0, 1]
+
+
+def test_without_a_way_to_ask_the_earlier_source_a_moved_record_is_held_back(
+    ledger: Ledger,
+) -> None:
+    source = MemorySource()
+    engine = Engine(ledger, FakeSink())  # locate: local files only
+    source.write("a/run_record.jsonl", started("r1").encode())
+    engine.sync(source.record("a/run_record.jsonl"))
+    source.move("a/run_record.jsonl", "b/run_record.jsonl")
+    assert engine.sync(source.record("b/run_record.jsonl")).state == BLOCKED

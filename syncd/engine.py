@@ -180,11 +180,11 @@ class Engine:
         """
         if isinstance(row, _Unset):
             row = self.ledger.get_record(record.uri)
-        unchanged = self._unchanged(record, row)
+        unchanged, stat = self._unchanged(record, row)
         if unchanged is not None:
             return unchanged
         if self.dry_run:
-            return self._contained(record, row)
+            return self._contained(record, row, stat)
         # One worker projects a record at a time, anywhere in the fleet: the lease is
         # taken first, then the checkpoint read again (another worker may have moved
         # it, or died mid-record: we continue from what it committed).
@@ -201,7 +201,10 @@ class Engine:
             )
         self._lease = lease
         try:
-            return self._contained(record, self.ledger.get_record(record.uri))
+            current = self.ledger.get_record(record.uri)
+            if (current.version if current else 0) != (row.version if row else 0):
+                stat = None  # another worker moved it since our stat: look again
+            return self._contained(record, current, stat)
         except LeaseLost as exc:
             log.warning("record_lease_lost", file=record.display, error=str(exc))
             current = self.ledger.get_record(record.uri)
@@ -220,20 +223,26 @@ class Engine:
             except LedgerError as exc:  # it expires on its own
                 log.warning("lease_release_failed", file=record.display, error=str(exc))
 
-    def _unchanged(self, record: RecordFile, row: RecordRow | None) -> Outcome | None:
-        """The skip of a settled record whose file has not changed: no lease, no read."""
+    def _unchanged(
+        self, record: RecordFile, row: RecordRow | None
+    ) -> tuple[Outcome | None, tuple[int, int] | None]:
+        """The skip of a settled record whose file has not changed: no lease, no read.
+
+        Also returns the stat, so the sync that follows does not ask the source again
+        (on S3 that is a HEAD request).
+        """
         try:
             size, mtime_ns = record.stat()
         except OSError:
-            return None  # the sync reports it (or marks the record gone)
+            return None, None  # the sync reports it (or marks the record gone)
         if (
             row is not None
             and row.size == size
             and row.mtime_ns == mtime_ns
             and row.state in SETTLED_STATES
         ):
-            return Outcome(source=record.display, state=row.state, skipped=True)
-        return None
+            return Outcome(source=record.display, state=row.state, skipped=True), None
+        return None, (size, mtime_ns)
 
     def _commit(self, progress: Progress) -> None:
         progress.worker = self.worker
@@ -244,9 +253,11 @@ class Engine:
         if self._lease is not None:
             self.ledger.renew_lease(self._lease)
 
-    def _contained(self, record: RecordFile, row: RecordRow | None) -> Outcome:
+    def _contained(
+        self, record: RecordFile, row: RecordRow | None, stat: tuple[int, int] | None = None
+    ) -> Outcome:
         try:
-            return self._sync(record, row)
+            return self._sync(record, row, stat)
         except LedgerError:
             raise
         except _Claimed as exc:
@@ -260,9 +271,11 @@ class Engine:
         except Exception as exc:  # the record boundary: contain, report, go on
             return self._hold(record, FAILED, exc)
 
-    def _sync(self, record: RecordFile, row: RecordRow | None) -> Outcome:
+    def _sync(
+        self, record: RecordFile, row: RecordRow | None, stat: tuple[int, int] | None = None
+    ) -> Outcome:
         try:
-            size, mtime_ns = record.stat()
+            size, mtime_ns = stat if stat is not None else record.stat()
         except FileNotFoundError:
             return self._gone(record, row)
         if (

@@ -364,7 +364,9 @@ class _Handler(BaseHTTPRequestHandler):
             _reset(self.connection)  # the upstream applied it; the client never hears
             return
         kept = [(k, v) for k, v in resp_headers if k.lower() not in _HOP_BY_HOP]
-        self._reply(status, reason, kept, data)
+        # A reply to HEAD has no body but the length of the body a GET would get.
+        length = next((v for k, v in resp_headers if k.lower() == "content-length"), None)
+        self._reply(status, reason, kept, data, length=length if self.command == "HEAD" else None)
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _proxy
 
@@ -382,12 +384,20 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
 
-    def _reply(self, status: int, reason: str, headers: list[tuple[str, str]], body: bytes) -> None:
+    def _reply(
+        self,
+        status: int,
+        reason: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        *,
+        length: str | None = None,
+    ) -> None:
         self.send_response_only(status, reason)
         for name, value in headers:
-            if name.lower() not in ("date", "server"):
+            if name.lower() not in ("date", "server", "content-length"):
                 self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", length if length is not None else str(len(body)))
         self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":

@@ -263,13 +263,21 @@ def backfill(
         for _ in range(count)
     ]
     sink = sinks[0]
-    try:
-        if upgrade_store and not dry_run:
-            sink.upgrade_store()
-        sink.check_schema()
-    except StoreSchemaError as exc:
-        ledger.close()
-        raise ConfigError(str(exc)) from exc
+    schema_checked = False
+
+    def check_store() -> None:
+        """Before the first write (not on a pass with nothing to write: that stays fast)."""
+        nonlocal schema_checked
+        schema_checked = True
+        try:
+            if upgrade_store and not dry_run:
+                sink.upgrade_store()
+            sink.check_schema()
+        except StoreSchemaError as exc:
+            raise ConfigError(str(exc)) from exc
+
+    if upgrade_store:
+        check_store()
     locate = record_locator(settings.roots, settings.timeouts.http)
     pool = WriterPool(
         [
@@ -330,6 +338,8 @@ def backfill(
                     )
                     running.append((record.display, done))
                 else:
+                    if not schema_checked and not dry_run and _needs_writes(record, row):
+                        check_store()
                     future = pool.submit(record.uri, partial(_sync_closing, record=record, row=row))
                     assert future is not None  # every path is distinct
                     running.append((record.display, future))

@@ -218,6 +218,10 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor.close()
 
 
+# The newest migration in syncd/ledger_migrations/versions (a test keeps them equal).
+LEDGER_SCHEMA_HEAD = "0003"
+
+
 class LedgerConflict(LedgerError):
     """The record's row changed under us (another writer moved it): re-read and retry."""
 
@@ -274,6 +278,17 @@ class Ledger:
         except sa.exc.SQLAlchemyError as exc:
             raise LedgerError(_failure("ledger write failed", self.url, exc)) from exc
 
+    def _at_head(self) -> bool:
+        """True when the ledger already has this syncd's schema (one small query)."""
+        try:
+            with self.engine.connect() as conn:
+                found = conn.execute(
+                    sa.text("SELECT version_num FROM syncd_alembic_version")
+                ).scalars()
+                return list(found) == [LEDGER_SCHEMA_HEAD]
+        except sa.exc.SQLAlchemyError:
+            return False  # no version table yet (a new or an older ledger)
+
     def _migrate(self) -> None:
         """Bring the schema to this syncd's head with alembic, one process at a time.
 
@@ -281,6 +296,8 @@ class Ledger:
         ``pg_advisory_lock`` on PostgreSQL and a file lock beside a SQLite ledger.
         A ledger made before migrations existed (schema 1) is stamped first.
         """
+        if self._at_head():
+            return  # the common case: no alembic import, no lock
         from alembic import command
         from alembic.config import Config
         from alembic.runtime.migration import MigrationContext

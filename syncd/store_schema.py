@@ -56,10 +56,16 @@ def mlflow_version() -> str:
 
 
 def _migrations() -> object:
-    import mlflow
+    import importlib.util
+
     from alembic.script import ScriptDirectory
 
-    return ScriptDirectory(str(Path(mlflow.__file__).parent / "store" / "db_migrations"))
+    # Found without importing mlflow (a second of start-up the check does not need).
+    spec = importlib.util.find_spec("mlflow")
+    if spec is None or not spec.submodule_search_locations:
+        raise StoreSchemaError("MLflow is not installed: cannot check the store's schema")
+    package = Path(next(iter(spec.submodule_search_locations)))
+    return ScriptDirectory(str(package / "store" / "db_migrations"))
 
 
 def inspect_store(path: Path) -> SchemaState:

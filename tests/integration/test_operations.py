@@ -215,3 +215,17 @@ def test_a_failed_record_shows_in_status_with_its_reason(
     [rec] = ledger.summary()["records_with_errors"]
     assert rec["source"] == path.as_uri() and rec["state"] == FAILED
     assert rec["reason"] == "MemoryError: cannot allocate" and rec["attempts"] == 1
+
+
+def test_the_ledger_knows_its_newest_migration() -> None:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    import syncd.ledger
+
+    config = Config()
+    config.set_main_option(
+        "script_location", str(Path(syncd.ledger.__file__).parent / "ledger_migrations")
+    )
+    head = ScriptDirectory.from_config(config).get_current_head()
+    assert head == syncd.ledger.LEDGER_SCHEMA_HEAD

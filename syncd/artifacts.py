@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from syncd.pids import alive
+
 
 class ArtifactRefused(ValueError):
     """The artifact path is unsafe or missing; the message says why."""
@@ -300,21 +302,11 @@ def clean_stale_stages(area: Path | None = None) -> int:
     removed = 0
     for folder in folders:
         pid = folder.name[len(STAGE_PREFIX) :].split("-", 1)[0]
-        if not pid.isdigit() or _alive(int(pid)):
+        if not pid.isdigit() or alive(int(pid)):
             continue
         shutil.rmtree(folder, ignore_errors=True)
         removed += 1
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def check_artifact_path(artifact_path: str | None) -> None:

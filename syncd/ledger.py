@@ -30,6 +30,7 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.engine import Connection, Engine
 
 from syncd.errors import LedgerError, RecordError
+from syncd.pids import alive
 
 log = structlog.get_logger("syncd.ledger")
 
@@ -851,13 +852,7 @@ def _dead_local_owner(owner: str) -> bool:
         return False
     if int(pid) == os.getpid():
         return False  # a writer thread of this very process: it is alive
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return not alive(int(pid))
 
 
 def _legacy_revision(conn: Connection) -> str | None:

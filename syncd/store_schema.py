@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from syncd.errors import TransientSinkError
+from syncd.pids import alive
 
 
 class StoreSchemaError(TransientSinkError):
@@ -213,17 +214,7 @@ def clean_stale_new_stores(path: Path) -> int:
     prefix = f".{path.name}{NEW_STORE_MARK}"
     for leftover in path.parent.glob(f"{prefix}*"):  # the file and its -journal / -wal
         pid = leftover.name[len(prefix) :].split("-", 1)[0]
-        if pid.isdigit() and pid != str(os.getpid()) and not _alive(int(pid)):
+        if pid.isdigit() and pid != str(os.getpid()) and not alive(int(pid)):
             leftover.unlink(missing_ok=True)
             removed += 1
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from helpers import EXAMPLES, line, runs_by_record, started, write_record
+from pg import throwaway_database
 
 from syncd.backfill import backfill
 from syncd.config import load_config
@@ -18,30 +17,11 @@ from syncd.ledger import SYNCED, Ledger, Progress, RecordRow, RunRow
 
 pytestmark = pytest.mark.postgres
 
-PG_ADMIN = os.environ.get(
-    "SYNCD_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
-
 
 @pytest.fixture
 def pg_url() -> Iterator[str]:
-    sa = pytest.importorskip("sqlalchemy")
-    pytest.importorskip("psycopg")
-    admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    name = f"syncd_test_{uuid.uuid4().hex[:12]}"
-    try:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    except sa.exc.OperationalError as exc:
-        admin.dispose()
-        pytest.skip(f"no PostgreSQL answers at {PG_ADMIN}: {exc.orig}")
-    url = PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
-    try:
+    with throwaway_database() as url:
         yield url
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
 
 
 def test_checkpoints_runs_errors_and_status_round_trip(pg_url: str) -> None:

@@ -17,7 +17,7 @@ import structlog
 
 from syncd.artifacts import clean_stale_stages
 from syncd.config import Root, Settings
-from syncd.engine import Engine, Outcome, locate_local, worker_id
+from syncd.engine import Engine, Outcome, locate_local, settled_and_unchanged, worker_id
 from syncd.errors import ConfigError
 from syncd.ledger import (
     BLOCKED,
@@ -25,7 +25,6 @@ from syncd.ledger import (
     FAILED,
     GONE,
     PENDING,
-    SETTLED_STATES,
     SYNCED,
     WAITING,
     Ledger,
@@ -378,11 +377,7 @@ def _needs_writes(record: RecordFile, row: RecordRow | None) -> bool:
             size, mtime_ns = record.stat()
         except OSError:
             return False
-    return not (
-        row is not None
-        and (row.size, row.mtime_ns) == (size, mtime_ns)
-        and row.state in SETTLED_STATES
-    )
+    return row is None or not settled_and_unchanged(row, size, mtime_ns)
 
 
 def record_locator(

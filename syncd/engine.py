@@ -130,6 +130,11 @@ class _Unset:
 _UNSET = _Unset()
 
 
+def settled_and_unchanged(row: RecordRow, size: int, mtime_ns: int) -> bool:
+    """The ledger settled this record at exactly this size and mtime: nothing to read."""
+    return row.size == size and row.mtime_ns == mtime_ns and row.state in SETTLED_STATES
+
+
 class Engine:
     """Syncs one record at a time; whatever fails stays with that record."""
 
@@ -235,12 +240,7 @@ class Engine:
             size, mtime_ns = record.stat()
         except OSError:
             return None, None  # the sync reports it (or marks the record gone)
-        if (
-            row is not None
-            and row.size == size
-            and row.mtime_ns == mtime_ns
-            and row.state in SETTLED_STATES
-        ):
+        if row is not None and settled_and_unchanged(row, size, mtime_ns):
             return Outcome(source=record.display, state=row.state, skipped=True), None
         return None, (size, mtime_ns)
 
@@ -278,12 +278,7 @@ class Engine:
             size, mtime_ns = stat if stat is not None else record.stat()
         except FileNotFoundError:
             return self._gone(record, row)
-        if (
-            row is not None
-            and row.size == size
-            and row.mtime_ns == mtime_ns
-            and row.state in SETTLED_STATES
-        ):
+        if row is not None and settled_and_unchanged(row, size, mtime_ns):
             return Outcome(source=record.display, state=row.state, skipped=True)
 
         row = row or RecordRow(source=record.uri)

@@ -17,6 +17,13 @@ MLflow writes into ``artifacts/`` (``log_artifact``, ``log_text``...) do not
 go through the store: they are recorded as ``artifact`` events when the run
 ends (``update_run_info`` to a final status).
 
+Experiment creation is idempotent across processes that race for one name:
+``mlflow.set_experiment`` asks for the experiment by name, creates it when
+absent, and when another process created it in between it neither raises nor
+makes it active (the next run would land in "Default"). So a process that was
+told the name is absent and then finds it created by someone else gets that
+experiment's id, as if its own create had won.
+
 Any ``AbstractStore`` call this store cannot serve raises ``MlflowException``
 naming the call and what to use instead; none returns None silently.
 """
@@ -77,6 +84,7 @@ from syncd.record.recorder import RecordWriter, _metric_value
 DEFAULT_EXPERIMENT_ID = "0"
 DEFAULT_EXPERIMENT_NAME = "Default"
 EXPERIMENTS_FILE = "experiments.json"
+RACE_S = 60.0  # a create this soon after "absent" that finds the name taken joins it
 EXPERIMENTS_LOCK = "experiments.lock"
 ARTIFACTS_FOLDER = "artifacts"
 CONTEXT_TAG = "mlflow.data.context"
@@ -377,6 +385,9 @@ class SyncdStore(AbstractStore):
         super().__init__()  # type: ignore[no-untyped-call]
         self.root = root
         self.experiments = _Experiments(root)
+        # names this process was told are absent, and when (see the module docstring)
+        self._absent: dict[str, float] = {}
+        self._absent_lock = threading.Lock()
         self._runs: dict[str, _Run] = {}
         self._runs_lock = threading.Lock()
 
@@ -404,6 +415,10 @@ class SyncdStore(AbstractStore):
                 INVALID_PARAMETER_VALUE,
             )
         exp_id, created = self.experiments.create(name, {t.key: t.value for t in tags or []})
+        with self._absent_lock:
+            told_absent = self._absent.pop(name, None)
+        if not created and told_absent is not None and time.monotonic() - told_absent < RACE_S:
+            return exp_id
         if not created:
             raise MlflowException(
                 f"Experiment(name={name}) already exists.", RESOURCE_ALREADY_EXISTS
@@ -418,7 +433,11 @@ class SyncdStore(AbstractStore):
 
     def get_experiment_by_name(self, experiment_name: str) -> Experiment | None:
         exp_id = self.experiments.id_of(experiment_name)
-        return None if exp_id is None else self.get_experiment(exp_id)
+        if exp_id is None:
+            with self._absent_lock:
+                self._absent[experiment_name] = time.monotonic()
+            return None
+        return self.get_experiment(exp_id)
 
     def search_experiments(
         self,

@@ -212,11 +212,22 @@ class FaultProxy:
         *,
         methods: tuple[str, ...] | None = None,
         reply: tuple[str, bytes] | None = None,
+        first_per_body: bool = False,
     ) -> Rule:
         """Answer every ``every``-th matching call 503; ``reply`` is (content type, body)
-        (default: MLflow's JSON), ``methods`` limits the rule to some HTTP methods."""
+        (default: MLflow's JSON), ``methods`` limits the rule to some HTTP methods,
+        ``first_per_body`` counts only the first call with a given body (never a retry)."""
         allowed = frozenset(m.upper() for m in methods) if methods is not None else None
-        return self.add(Rule(Fault.ERROR_503, _compile(path), every, methods=allowed, reply=reply))
+        return self.add(
+            Rule(
+                Fault.ERROR_503,
+                _compile(path),
+                every,
+                first_per_body,
+                methods=allowed,
+                reply=reply,
+            )
+        )
 
     def lose_replies(
         self, every: int = 1, path: str | None = None, *, first_per_body: bool = False

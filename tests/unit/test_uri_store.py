@@ -89,6 +89,22 @@ def test_default_experiment_and_get_or_create(client: MlflowClient, root: Path) 
         client.get_experiment("42")
 
 
+def test_processes_racing_to_create_one_experiment_agree_on_it(root: Path) -> None:
+    """mlflow.set_experiment: get by name, create when absent. When another process
+    creates the name in between, MLflow drops the experiment it asked for (the run
+    lands in "Default"); here the loser of the race joins the winner's experiment."""
+    first, second = SyncdStore(root), SyncdStore(root)  # two training processes
+    assert first.get_experiment_by_name("shared") is None
+    assert second.get_experiment_by_name("shared") is None
+    winner = second.create_experiment("shared")
+    assert first.create_experiment("shared") == winner
+    # without the race (nobody was told "absent"), creating a taken name still fails
+    with pytest.raises(MlflowException, match="already exists"):
+        first.create_experiment("shared")
+    with pytest.raises(MlflowException, match="already exists"):
+        SyncdStore(root).create_experiment("shared")
+
+
 def test_run_lifecycle_writes_a_valid_record(client: MlflowClient, root: Path) -> None:
     exp_id = client.create_experiment("e/one")  # a name that is not a file name
     run = client.create_run(exp_id, tags={"git": "abc"})

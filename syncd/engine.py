@@ -27,6 +27,7 @@ from syncd.errors import (
     PermanentSinkError,
     RecordError,
     SinkError,
+    SourceError,
     TransientSinkError,
 )
 from syncd.ledger import (
@@ -268,6 +269,8 @@ class Engine:
             return self._gone(record, self.ledger.get_record(record.uri))
         except TransientSinkError as exc:
             return self._hold(record, WAITING, exc)
+        except SourceError as exc:  # S3 cannot be read now: the record is not at fault
+            return self._hold(record, WAITING, exc, source=True)
         except Exception as exc:  # the record boundary: contain, report, go on
             return self._hold(record, FAILED, exc)
 
@@ -392,16 +395,23 @@ class Engine:
                 close()
         return False
 
-    def _hold(self, record: RecordFile, state: str, exc: BaseException) -> Outcome:
-        """Leave the record at its last acknowledged offset, ``waiting`` or ``failed``."""
+    def _hold(
+        self, record: RecordFile, state: str, exc: BaseException, *, source: bool = False
+    ) -> Outcome:
+        """Leave the record at its last acknowledged offset, ``waiting`` or ``failed``.
+
+        ``source``: its source (S3) cannot be read now; it waits for its own retry,
+        and MLflow is not taken for down (``retry_later`` stays False).
+        """
         message = redact_text(_describe(exc))[:2000]
         outcome = Outcome(source=record.display, state=state, message=message)
-        outcome.retry_later = state == WAITING
+        outcome.retry_later = state == WAITING and not source
         if state == FAILED:
             log.error("record_failed", file=record.display, error=message[:500])
             log.debug("record_failed_detail", file=record.display, exc_info=exc)
         else:
-            log.warning("sink_unavailable", file=record.display, error=message[:300])
+            event = "source_unavailable" if source else "sink_unavailable"
+            log.warning(event, file=record.display, error=message[:300])
         if self.dry_run:
             return outcome
         row = self.ledger.get_record(record.uri) or RecordRow(source=record.uri)
@@ -619,6 +629,8 @@ class Engine:
             try:
                 with self.bounded(f"reading artifact {item.path}", ARTIFACT_READ_DEADLINE):
                     resolved = record.resolve_artifact(item.path, item.artifact_path)
+            except SourceError:
+                raise  # S3 cannot be asked now: the line is read again later, not skipped
             except (ArtifactRefused, OSError) as exc:
                 errors.append(
                     RecordError(str(exc), path=record.display, line=item.line, seq=item.seq)
@@ -677,6 +689,8 @@ class _SinkRefused(Exception):
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, _SinkRefused | SinkError):
         return f"MLflow refused: {exc}" if isinstance(exc, _SinkRefused) else str(exc)
+    if isinstance(exc, SourceError):  # already one line naming the object and why
+        return (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
     text = str(exc) or repr(exc)
     return f"{type(exc).__name__}: {text}"
 

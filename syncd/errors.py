@@ -5,6 +5,7 @@
      ├── RecordError            a bad line in a run record (path, line, seq, reason)
      │    └── UnsupportedVersion  a line with a format version this syncd does not know
      ├── LedgerError            the ledger database cannot be opened or written
+     ├── SourceError            a record source (an s3:// root) cannot be read now
      └── SinkError              MLflow (or its artifact store) refused or failed a write
           ├── TransientSinkError  worth retrying: unreachable, 5xx, "database is locked"
           └── PermanentSinkError  retrying cannot help: invalid value, deleted run
@@ -54,6 +55,11 @@ class UnsupportedVersion(RecordError):
 
 class LedgerError(SyncdError):
     """The ledger (checkpoints, run map, sync events) failed."""
+
+
+class SourceError(SyncdError):
+    """Where records live cannot be read now (an S3 endpoint down, credentials expired
+    or refused, a missing bucket): the record is not at fault and is read again later."""
 
 
 class SinkError(SyncdError):

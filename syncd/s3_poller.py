@@ -10,7 +10,9 @@ build a record that needs no HEAD.
 Faults stay with their root: a root that cannot be listed (missing bucket,
 access denied, expired credentials, endpoint down) is logged with its name,
 reported through ``on_status`` (``/readyz`` and the ``syncd_root_up`` gauge)
-and polled again with exponential backoff; the other roots go on.
+and polled again with exponential backoff; the other roots go on. After an
+answer that blames the credentials (expired, unknown, mis-signed) the root's
+client is made anew, so the next try reads the credential chain again.
 """
 
 from __future__ import annotations
@@ -24,7 +26,15 @@ import structlog
 
 from syncd.config import Root
 from syncd.logging import redact_text
-from syncd.sources.s3 import S3Object, S3Record, S3SourceError, client_for, list_records
+from syncd.sources.s3 import (
+    CREDENTIAL_CODES,
+    S3Object,
+    S3Record,
+    S3SourceError,
+    client_for,
+    forget_client,
+    list_records,
+)
 
 log = structlog.get_logger("syncd.s3")
 
@@ -109,6 +119,8 @@ class S3Poller:
             client = client_for(root, self.timeout)
             listing = {obj.uri: obj for obj in list_records(client, root.path, root.pattern)}
         except S3SourceError as exc:
+            if exc.code in CREDENTIAL_CODES:
+                forget_client(root, self.timeout)  # the next try reads the credentials anew
             failures = self._failures.get(root.path, 0) + 1
             self._failures[root.path] = failures
             reason = redact_text(exc.strerror or str(exc))[:500]

@@ -433,7 +433,7 @@ class Daemon:
             return False
         if outcome.busy:  # another worker holds it: look again when its lease ends
             self.retry_due[path] = time.time() + outcome.busy_for + random.uniform(0.1, 1.0)
-        elif outcome.state == FAILED:
+        elif outcome.state in (FAILED, WAITING):  # waiting here: its S3 root cannot be read
             self._schedule_retry(path)
         return True
 
@@ -481,8 +481,8 @@ class Daemon:
             m.sink_errors.labels(kind="transient").inc()
             m.record_failures.labels(state=WAITING).inc()
             return
-        if outcome.state == FAILED:
-            m.record_failures.labels(state=FAILED).inc()
+        if outcome.state in (FAILED, WAITING):
+            m.record_failures.labels(state=outcome.state).inc()
             if (outcome.message or "").startswith("MLflow refused"):
                 m.sink_errors.labels(kind="permanent").inc()
         if outcome.run_id is not None:  # MLflow acknowledged writes just now

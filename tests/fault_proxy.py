@@ -9,7 +9,9 @@ very next call). Faults can be switched at run time from any thread:
   (``reset=True`` keeps listening but resets every new connection instead);
   :meth:`FaultProxy.accept` listens again on the same port.
 - :meth:`FaultProxy.fail_with_503`: every Nth matching call is answered 503
-  (TEMPORARILY_UNAVAILABLE) without reaching the upstream.
+  (TEMPORARILY_UNAVAILABLE) without reaching the upstream;
+  :meth:`FaultProxy.fail_with` answers another status with a given body (an S3
+  XML error such as ``ExpiredToken``).
 - :meth:`FaultProxy.lose_replies`: every Nth matching call is forwarded, the
   upstream's reply is read, and the client connection is reset without an answer:
   the upstream applied the call, the client cannot know.
@@ -59,6 +61,7 @@ class Fault(Enum):
     REFUSED = "refused"  # connection reset by reset-mode refusal (the path is unknown)
     STALL = "stall"
     ERROR_503 = "503"
+    ERROR = "error"  # another status than 503, with the rule's body
     LOSE_REPLY = "lose_reply"
 
 
@@ -73,6 +76,7 @@ class Rule:
     seconds: float | None = None  # STALL: how long; None holds until released
     methods: frozenset[str] | None = None  # HTTP methods that match (None: every method)
     reply: tuple[str, bytes] | None = None  # ERROR_503: (content type, body) instead of JSON
+    status: tuple[int, str] = (503, "Service Unavailable")  # ERROR: the status answered
     released: threading.Event = field(default_factory=threading.Event)
     matched: int = 0
     _bodies: set[bytes] = field(default_factory=set)
@@ -95,8 +99,9 @@ class Rule:
 class _Decision:
     refuse: bool = False
     stalls: list[Rule] = field(default_factory=list)
-    error_503: bool = False
-    reply_503: tuple[str, bytes] | None = None
+    error: bool = False  # answered by the proxy (503 or the rule's status)
+    reply: tuple[str, bytes] | None = None
+    status: tuple[int, str] = (503, "Service Unavailable")
     lose_reply: bool = False
 
 
@@ -229,6 +234,30 @@ class FaultProxy:
             )
         )
 
+    def fail_with(
+        self,
+        status: int,
+        reason: str,
+        reply: tuple[str, bytes],
+        path: str | None = None,
+        *,
+        every: int = 1,
+        methods: tuple[str, ...] | None = None,
+    ) -> Rule:
+        """Answer every ``every``-th matching call with ``status`` and ``reply`` (content
+        type, body), without reaching the upstream."""
+        allowed = frozenset(m.upper() for m in methods) if methods is not None else None
+        return self.add(
+            Rule(
+                Fault.ERROR,
+                _compile(path),
+                every,
+                methods=allowed,
+                reply=reply,
+                status=(status, reason),
+            )
+        )
+
     def lose_replies(
         self, every: int = 1, path: str | None = None, *, first_per_body: bool = False
     ) -> Rule:
@@ -306,9 +335,11 @@ class FaultProxy:
                 self._faults[(rule.kind, path)] += 1
                 if rule.kind is Fault.STALL:
                     decision.stalls.append(rule)
-                elif rule.kind is Fault.ERROR_503:
-                    decision.error_503 = True
-                    decision.reply_503 = decision.reply_503 or rule.reply
+                elif rule.kind in (Fault.ERROR_503, Fault.ERROR):
+                    if not decision.error:
+                        decision.status = rule.status
+                    decision.error = True
+                    decision.reply = decision.reply or rule.reply
                 else:
                     decision.lose_reply = True
         return decision
@@ -356,12 +387,12 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if decision.stalls:
             proxy._hold(decision.stalls)
-        if decision.error_503:
-            content_type, payload = decision.reply_503 or (
+        if decision.error:
+            content_type, payload = decision.reply or (
                 "application/json",
                 b'{"error_code": "TEMPORARILY_UNAVAILABLE", "message": "injected 503"}',
             )
-            self._reply(503, "Service Unavailable", [("Content-Type", content_type)], payload)
+            self._reply(*decision.status, [("Content-Type", content_type)], payload)
             return
         headers = [(k, v) for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP]
         try:

@@ -44,6 +44,7 @@ from syncd.artifacts import (
     check_artifact_path,
 )
 from syncd.config import Root
+from syncd.errors import SourceError
 from syncd.record.events import RECORD_FILENAME
 
 DEFAULT_PATTERN = f"**/{RECORD_FILENAME}"
@@ -53,8 +54,29 @@ _PLAIN_MD5 = re.compile(r"[0-9a-f]{32}")
 STAGE_HEADROOM = 64 * 1024 * 1024  # bytes left free on the staging disk
 
 
-class S3SourceError(OSError):
-    """S3 could not be asked (missing bucket, access denied, endpoint down); says why."""
+class S3SourceError(OSError, SourceError):
+    """S3 could not be asked (missing bucket, access denied, endpoint down); says why.
+
+    ``code`` is S3's error code (``ExpiredToken``, ``AccessDenied``...) or the HTTP
+    status, "" when S3 did not answer.
+    """
+
+    code: str = ""
+
+
+# S3 error codes that mean the credentials themselves are at fault: expired, unknown
+# or mis-signed. The client is made anew before the next try, so the credential chain
+# is read again (a rewritten credentials file is picked up without a reload).
+CREDENTIAL_CODES = frozenset(
+    {"ExpiredToken", "InvalidToken", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
+)
+
+
+def source_error(exc: BaseException, what: str) -> S3SourceError:
+    """An S3SourceError for ``exc``, with a one-line reason naming ``what``."""
+    error = S3SourceError(errno.EIO, describe_error(exc, what))
+    error.code = _code(exc)
+    return error
 
 
 class ObjectChanged(OSError):
@@ -126,6 +148,13 @@ def client_for(root: Root, timeout: float = 30.0) -> Any:
         return client
 
 
+def forget_client(root: Root, timeout: float = 30.0) -> None:
+    """Drop the cached client of ``root``: the next one reads the credential chain again."""
+    endpoint = root.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+    with _clients_lock:
+        _clients.pop((endpoint, root.region, timeout), None)
+
+
 def forget_clients() -> None:
     """Drop cached clients (tests change credentials and endpoints)."""
     with _clients_lock:
@@ -136,9 +165,12 @@ def describe_error(exc: BaseException, what: str) -> str:
     """A one-line reason for an S3 failure, naming ``what`` was asked."""
     from botocore.exceptions import (
         ClientError,
+        CredentialRetrievalError,
         EndpointConnectionError,
         NoCredentialsError,
+        PartialCredentialsError,
         ReadTimeoutError,
+        TokenRetrievalError,
     )
 
     if isinstance(exc, ClientError):
@@ -147,16 +179,23 @@ def describe_error(exc: BaseException, what: str) -> str:
             exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")
         )
         hint = {
-            "NoSuchBucket": "the bucket does not exist",
+            "NoSuchBucket": "the bucket does not exist (check the root's bucket name, region"
+            " and endpoint)",
             "AccessDenied": "access denied (check s3:ListBucket and s3:GetObject)",
             "403": "access denied (check the credentials and s3:ListBucket, s3:GetObject)",
-            "InvalidAccessKeyId": "the access key is not valid",
+            "400": "bad request; S3 names no reason in answer to a HEAD request, and expired"
+            " or invalid credentials are the usual cause",
+            "InvalidAccessKeyId": "the access key is not valid (check the credentials)",
             "SignatureDoesNotMatch": "the secret key does not match the access key",
-            "ExpiredToken": "the credentials have expired",
+            "ExpiredToken": "the credentials have expired (renew them; they are read again"
+            " on the next try)",
+            "InvalidToken": "the session token is not valid (renew the credentials)",
         }.get(code, err.get("Message") or code)
         return f"{what}: {hint} ({code})"
     if isinstance(exc, NoCredentialsError):
         return f"{what}: no AWS credentials found (environment, profile or instance role)"
+    if isinstance(exc, CredentialRetrievalError | TokenRetrievalError | PartialCredentialsError):
+        return f"{what}: the credentials could not be obtained or renewed ({exc})"
     if isinstance(exc, EndpointConnectionError | ReadTimeoutError):
         return f"{what}: endpoint unreachable ({exc})"
     return f"{what}: {type(exc).__name__}: {exc}"
@@ -236,7 +275,7 @@ def list_records(client: Any, root_uri: str, pattern: str = DEFAULT_PATTERN) -> 
     except S3SourceError:
         raise
     except Exception as exc:
-        raise S3SourceError(errno.EIO, describe_error(exc, f"listing {root_uri}")) from exc
+        raise source_error(exc, f"listing {root_uri}") from exc
 
 
 def head(client: Any, bucket: str, key: str) -> S3Object:
@@ -247,7 +286,7 @@ def head(client: Any, bucket: str, key: str) -> S3Object:
     except Exception as exc:
         if _not_found(exc):
             raise FileNotFoundError(errno.ENOENT, "no such object", uri) from None
-        raise S3SourceError(errno.EIO, describe_error(exc, uri)) from exc
+        raise source_error(exc, uri) from exc
     return S3Object(
         bucket=bucket,
         key=key,
@@ -333,7 +372,7 @@ class S3Record:
                 raise ObjectChanged(
                     errno.EAGAIN, "the object was replaced while being read", self.uri
                 ) from None
-            raise S3SourceError(errno.EIO, describe_error(exc, self.uri)) from exc
+            raise source_error(exc, self.uri) from exc
 
     def close(self) -> None:
         self._current = None
@@ -415,9 +454,7 @@ def _folder_objects(client: Any, bucket: str, folder_key: str, shown: str) -> li
     except ArtifactRefused:
         raise
     except Exception as exc:
-        raise S3SourceError(
-            errno.EIO, describe_error(exc, f"listing artifact folder s3://{bucket}/{base}")
-        ) from exc
+        raise source_error(exc, f"listing artifact folder s3://{bucket}/{base}") from exc
     return sorted(out, key=lambda item: item.rel)
 
 
@@ -476,7 +513,7 @@ def _stream(client: Any, obj: S3Object) -> Iterator[bytes]:
     except Exception as exc:
         if _not_found(exc):
             raise ArtifactRefused(f"artifact object {obj.uri} disappeared") from None
-        raise S3SourceError(errno.EIO, describe_error(exc, obj.uri)) from exc
+        raise source_error(exc, obj.uri) from exc
     body = reply["Body"]
     try:
         while chunk := body.read(_CHUNK):

@@ -259,3 +259,93 @@ def test_invalid_credentials_name_the_root_and_a_reload_with_valid_ones_recovers
             proc.kill()
     finally:
         strict.stop()
+
+
+EXPIRED_TOKEN = (
+    "application/xml",
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>ExpiredToken</Code>'
+    b"<Message>The provided token has expired.</Message>"
+    b"<RequestId>injected</RequestId></Error>",
+)
+
+
+def test_expired_credentials_name_the_root_and_it_recovers_once_they_work_again(
+    bucket: Bucket, tracking_uri: str, client: Any, workdir: Path
+) -> None:
+    """S3 answers ExpiredToken (400) for one root, through a proxy in front of moto."""
+    from urllib.parse import urlsplit
+
+    from fault_proxy import Fault, FaultProxy
+    from helpers import artifact_files
+
+    other = Bucket(bucket.endpoint)
+    bucket.put("runs/a/run_record.jsonl", record_text("rec-a", 2))
+    other.put("runs/o/run_record.jsonl", record_text("rec-o", 1))
+    expiring, steady = bucket.uri("runs"), other.uri("runs")
+    with FaultProxy(int(urlsplit(bucket.endpoint).port or 0)) as proxy:
+        config = workdir / "syncd.yaml"
+        config.write_text(
+            f"roots:\n  - {{path: '{expiring}', endpoint_url: '{proxy.url}'}}\n  - '{steady}'\n"
+        )
+        proc = SyncdProcess(
+            workdir,
+            "--config",
+            str(config),
+            "--tracking-uri",
+            tracking_uri,
+            "--state-dir",
+            str(workdir / ".syncd"),
+            env=daemon_env(bucket.endpoint),
+        )
+        try:
+            wait_for(lambda: points(client, "rec-a") == 2, 30, 0.1, "the root before expiry")
+            wait_for(lambda: points(client, "rec-o") == 1, 30, 0.1, "the other root")
+
+            proxy.fail_with(400, "Bad Request", EXPIRED_TOKEN)  # every request of the root
+            bucket.put("runs/a/run_record.jsonl", record_text("rec-a", 5))  # grown meanwhile
+            bucket.put("runs/b/model.bin", b"weights" * 1000)
+            bucket.put(
+                "runs/b/run_record.jsonl",
+                record_text("rec-b", 3) + line(4, "artifact", path="model.bin"),
+            )
+
+            def root_reported() -> Any:
+                code, body = proc.health("/readyz")
+                return code == 503 and [r for r in body["reasons"] if expiring in r]
+
+            [reason] = wait_for(root_reported, 30, 0.2, "/readyz naming the expired root")
+            assert "credentials have expired" in reason and "ExpiredToken" in reason, reason
+            _, metrics = proc.get("/metrics")
+            assert f'syncd_root_up{{root="{expiring}"}} 0.0' in metrics
+            assert f'syncd_root_up{{root="{steady}"}} 1.0' in metrics
+            errors = [e for e in proc.log_events() if e.get("event") == "root_unavailable"]
+            assert errors and all(e["root"] == expiring for e in errors)
+            assert all("credentials have expired" in e["error"] for e in errors), errors
+            assert "Traceback" not in proc.logs()
+
+            other.put("runs/p/run_record.jsonl", record_text("rec-p", 4))  # the other root goes on
+            wait_for(lambda: points(client, "rec-p") == 4, 30, 0.1, "the other root, meanwhile")
+            assert points(client, "rec-a") == 2 and "rec-b" not in runs_by_record(client)
+            assert proxy.fault_count(Fault.ERROR) >= 1
+
+            proxy.pass_through()  # renewed: S3 accepts the requests again
+            wait_for(lambda: proc.health("/readyz")[0] == 200, 60, 0.2, "/readyz recovered")
+            wait_for(lambda: points(client, "rec-a") == 5, 30, 0.1, "the grown record")
+            wait_for(lambda: points(client, "rec-b") == 3, 30, 0.1, "the new record")
+            runs = runs_by_record(client)  # raises on a second run for a record
+            assert set(runs) == {"rec-a", "rec-b", "rec-o", "rec-p"}
+            wait_for(
+                lambda: artifact_files(client, runs["rec-b"].info.run_id) == ["model.bin"],
+                30,
+                0.1,
+                "the new record's artifact",
+            )
+            _, metrics = proc.get("/metrics")
+            assert f'syncd_root_up{{root="{expiring}"}} 1.0' in metrics
+            assert any(e.get("event") == "root_recovered" for e in proc.log_events())
+            assert proc.stop() == 0
+        finally:
+            proc.kill()
+    for record_id, count in {"rec-a": 5, "rec-b": 3, "rec-o": 1, "rec-p": 4}.items():
+        steps = [s for s, _t, _v in history(client, runs[record_id].info.run_id, "loss")]
+        assert steps == list(range(count)), (record_id, steps)  # every point exactly once

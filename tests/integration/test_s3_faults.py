@@ -168,3 +168,47 @@ def test_a_copy_under_another_key_is_still_held_back(
     [err] = summary.errors
     assert "already used by s3://" in err["reason"] and err["file"].endswith("b/run_record.jsonl")
     assert len(history(client, runs_by_record(client)["rec-m"].info.run_id, "loss")) == 3
+
+
+EXPIRED_TOKEN = (
+    "application/xml",
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>ExpiredToken</Code>'
+    b"<Message>The provided token has expired.</Message>"
+    b"<RequestId>injected</RequestId></Error>",
+)
+
+
+def test_credentials_expiring_between_a_record_and_its_artifact_skip_nothing(
+    bucket: Bucket, s3_proxy: FaultProxy, tracking_uri: str, client: Any, workdir: Path
+) -> None:
+    """The record is read, then S3 answers ExpiredToken for its artifact: the record waits
+    at its checkpoint (no line is skipped) and, once S3 answers again, lands whole."""
+    root = {"path": bucket.uri("runs"), "endpoint_url": s3_proxy.url}
+    bucket.put("runs/a/model.bin", b"weights")
+    bucket.put(
+        "runs/a/run_record.jsonl", record_text("rec-a", 3) + line(4, "artifact", path="model.bin")
+    )
+    bucket.put("runs/b/run_record.jsonl", record_text("rec-b", 2))
+    s3_proxy.fail_with(400, "Bad Request", EXPIRED_TOKEN, path=r"/runs/a/model\.bin$")
+
+    summary = backfill(settings_for(root, tracking_uri, workdir))
+
+    assert summary.waiting == 1 and summary.synced == 1, summary.as_dict()
+    assert not summary.clean  # exit 1: one record could not be read whole
+    [err] = summary.errors
+    assert err["file"] == bucket.uri("runs/a/run_record.jsonl")
+    # The artifact is asked with a HEAD first: S3's answer has no body, so no error code.
+    assert "expired or invalid credentials" in err["reason"], err
+    assert "Traceback" not in err["reason"] and "Errno" not in err["reason"]
+    assert len(history(client, runs_by_record(client)["rec-b"].info.run_id, "loss")) == 2
+
+    s3_proxy.pass_through()
+    again = backfill(settings_for(root, tracking_uri, workdir))
+
+    assert again.clean, again.errors
+    runs = runs_by_record(client)
+    assert set(runs) == {"rec-a", "rec-b"}
+    run_a = runs["rec-a"].info.run_id
+    assert [s for s, _t, _v in history(client, run_a, "loss")] == [0, 1, 2]
+    assert artifact_files(client, run_a) == ["model.bin"]
+    assert len(history(client, runs["rec-b"].info.run_id, "loss")) == 2

@@ -25,6 +25,7 @@ import errno
 import fnmatch
 import hashlib
 import os
+import posixpath
 import re
 import shutil
 import tempfile
@@ -380,6 +381,10 @@ class S3Record:
     def resolve_artifact(self, path: str, artifact_path: str | None) -> ResolvedArtifact:
         return resolve_artifact(self._client, self.bucket, self.prefix, path, artifact_path)
 
+    def artifact_sizes(self, path: str, artifact_path: str | None) -> dict[str, int]:
+        """What an ``artifact`` event of this record puts in MLflow (``syncd verify``)."""
+        return artifact_sizes(self._client, self.bucket, self.prefix, path, artifact_path)
+
 
 def posix_dirname(key: str) -> str:
     return key.rpartition("/")[0]
@@ -458,6 +463,41 @@ def _folder_objects(client: Any, bucket: str, folder_key: str, shown: str) -> li
     return sorted(out, key=lambda item: item.rel)
 
 
+def _locate(client: Any, bucket: str, prefix: str, path: str) -> tuple[str, list[_Listed], bool]:
+    """The confined key of ``path``, its objects, and whether it is a folder (a key prefix).
+
+    ArtifactRefused when it leaves the run prefix or nothing is there.
+    """
+    key = confine_key(prefix, path.rstrip("/") if path not in ("/", "") else path)
+    if not path.endswith("/") and key != prefix:
+        try:
+            return key, [_Listed("", head(client, bucket, key))], False
+        except FileNotFoundError:
+            pass
+    files = _folder_objects(client, bucket, key, path)
+    if not files:
+        raise ArtifactRefused(f"artifact path {path!r} does not exist")
+    return key, files, True
+
+
+def artifact_sizes(
+    client: Any, bucket: str, prefix: str, path: str, artifact_path: str | None
+) -> dict[str, int]:
+    """The MLflow artifact files (and sizes) an ``artifact`` event uploads; {} when syncd
+    refuses it. Placed as a sync places them: a file as ``<artifact_path>/<name>``, a
+    folder's objects under ``<artifact_path>``. S3SourceError when S3 cannot be asked."""
+    try:
+        check_artifact_path(artifact_path)
+        key, files, is_dir = _locate(client, bucket, prefix, path)
+    except ArtifactRefused:
+        return {}  # reported by the sync as a line error; nothing is expected in MLflow
+    base = posixpath.normpath(artifact_path) if artifact_path else ""
+    base = "" if base == "." else base
+    if not is_dir:
+        return {posixpath.join(base, PurePosixPath(key).name): files[0].obj.size}
+    return {posixpath.join(base, item.rel): item.obj.size for item in files}
+
+
 def resolve_artifact(
     client: Any, bucket: str, prefix: str, path: str, artifact_path: str | None
 ) -> ResolvedArtifact:
@@ -467,24 +507,12 @@ def resolve_artifact(
     uploads): its digest then comes from the bytes.
     """
     check_artifact_path(artifact_path)
-    key = confine_key(prefix, path.rstrip("/") if path not in ("/", "") else path)
+    key, files, is_dir = _locate(client, bucket, prefix, path)
     shown = path
-    single: S3Object | None = None
-    if not path.endswith("/") and key != prefix:
-        try:
-            single = head(client, bucket, key)
-        except FileNotFoundError:
-            single = None
-    if single is not None:
-        digest = _digest_of(client, single)
-        files = [_Listed("", single)]
-        is_dir = False
+    if not is_dir:
+        digest = _digest_of(client, files[0].obj)
     else:
-        files = _folder_objects(client, bucket, key, shown)
-        if not files:
-            raise ArtifactRefused(f"artifact path {path!r} does not exist")
         digest = _listing_digest([(item.rel, _digest_of(client, item.obj)) for item in files])
-        is_dir = True
     name = PurePosixPath(key).name or "artifacts"
     stager = _Stager(client, bucket, key, name, is_dir, tuple(files), shown)
     return ResolvedArtifact(

@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,13 @@ from syncd.verify.compare import (
     compare_progress,
     pick_run,
 )
-from syncd.verify.expected import Expected, MetricSummary, read_expected
+from syncd.verify.expected import (
+    ArtifactSizes,
+    Expected,
+    MetricSummary,
+    artifact_files,
+    read_expected,
+)
 from syncd.verify.views import LedgerView, MlflowView
 
 __all__ = [
@@ -183,9 +190,14 @@ def verify_one(
     progress: list[Difference] = []
     try:
         try:
-            # Artifacts are compared for local records (S3 ones: not yet).
-            run_dir = record.run_dir if isinstance(record, LocalRecord) else None
-            expected = read_expected(record, default_experiment=default_experiment, run_dir=run_dir)
+            sizes: ArtifactSizes
+            if isinstance(record, LocalRecord):
+                sizes = partial(artifact_files, record.run_dir)
+            else:  # S3: a HEAD per file artifact, a listing per folder
+                sizes = record.artifact_sizes
+            expected = read_expected(
+                record, default_experiment=default_experiment, artifact_sizes=sizes
+            )
         except FileNotFoundError:
             return RecordResult(record.display, None, None, [])  # gone since it was found
         except OSError as exc:

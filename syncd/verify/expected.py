@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 import os
 import posixpath
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -24,6 +25,8 @@ from syncd.record.reader import (
 from syncd.sources import RecordFile
 
 RUN_NAME_TAG = "mlflow.runName"
+# (path, artifact_path) of an artifact event -> the MLflow artifact files and sizes it makes
+ArtifactSizes = Callable[[str, str | None], dict[str, int]]
 _MAX_FLOAT = 1.7976931348623157e308  # MLflow's SQL stores keep +/-inf as +/-max float
 
 
@@ -129,8 +132,9 @@ class Expected:
     fingerprint: str | None = None
     blocked_at: int | None = None  # line number held back (a newer format version)
 
-    def add_plan(self, plan: WritePlan, run_dir: Path | None) -> None:
-        """Fold one chunk's write plan in (chunks in record order)."""
+    def add_plan(self, plan: WritePlan, artifact_sizes: ArtifactSizes | None) -> None:
+        """Fold one chunk's write plan in (chunks in record order); artifacts are expected
+        when ``artifact_sizes`` can tell what an artifact event uploads."""
         if plan.run is not None:
             spec = plan.run
             self.record_id = spec.record_id
@@ -158,9 +162,9 @@ class Expected:
             key = text.artifact_file[len(LONG_PARAM_FOLDER) + 1 : -len(".txt")]
             if key in accepted:
                 self.artifacts[text.artifact_file] = len(text.text.encode("utf-8"))
-        if run_dir is not None:
+        if artifact_sizes is not None:
             for upload in plan.artifacts:
-                self.artifacts.update(artifact_files(run_dir, upload.path, upload.artifact_path))
+                self.artifacts.update(artifact_sizes(upload.path, upload.artifact_path))
         for ds in plan.datasets:
             self.datasets.add((ds.name, ds.digest))
         if plan.status is not None:
@@ -205,9 +209,16 @@ def read_expected(
     *,
     default_experiment: str | None = None,
     run_dir: Path | None = None,
+    artifact_sizes: ArtifactSizes | None = None,
     chunk_bytes: int | None = None,
 ) -> Expected:
-    """The expected MLflow state of ``record``, read in bounded chunks from the start."""
+    """The expected MLflow state of ``record``, read in bounded chunks from the start.
+
+    Artifacts are expected from the files under ``run_dir`` (a local record), or as
+    ``artifact_sizes`` finds them (an S3 record); with neither, none are compared.
+    """
+    if artifact_sizes is None and run_dir is not None:
+        artifact_sizes = partial(artifact_files, run_dir)
     size, _mtime = record.stat()
     expected = Expected(size=size)
     offset, line, last_seq, skipped = 0, 0, -1, 0
@@ -227,7 +238,7 @@ def read_expected(
             source_uri=record.uri,
             default_experiment=default_experiment,
         )
-        expected.add_plan(plan, run_dir)
+        expected.add_plan(plan, artifact_sizes)
         offset += parsed.bytes_consumed
         line += parsed.lines_consumed
         last_seq, skipped = parsed.last_seq, parsed.skipped

@@ -324,3 +324,45 @@ def test_resync_of_an_s3_root_after_an_mlflow_restore_brings_back_what_was_lost(
     assert again.exit_code == 0, again.output
     assert history(client, run_id, "loss") == expected
     assert len(runs_by_record(client)) == 2
+
+
+def test_verify_compares_the_artifacts_of_s3_records(
+    bucket: Bucket, tracking_uri: str, client: Any, workdir: Path
+) -> None:
+    from urllib.parse import unquote, urlsplit
+
+    from typer.testing import CliRunner
+
+    from syncd.cli import app
+
+    bucket.put("runs/v/model.bin", b"weights" * 100)
+    bucket.put("runs/v/reports/index.html", b"<html/>")
+    bucket.put("runs/v/reports/img/plot.png", b"png" * 10)
+    arts = [
+        line(3, "artifact", path="model.bin", artifact_path="model"),
+        line(4, "artifact", path="reports/", artifact_path="reports"),
+    ]
+    bucket.put("runs/v/run_record.jsonl", record_text("rec-v", range(2)) + "".join(arts))
+    bucket.put("runs/w/run_record.jsonl", record_text("rec-w", range(2)))
+    assert sync([bucket.uri("runs")], tracking_uri, workdir).clean
+    state = ["--tracking-uri", tracking_uri, "--state-dir", str(workdir / ".syncd")]
+
+    complete = CliRunner().invoke(app, ["verify", bucket.uri("runs"), *state])
+    assert complete.exit_code == 0, complete.output
+    assert "mirror complete: 2 records verified, 2 clean" in complete.output
+
+    run = runs_by_record(client)["rec-v"]
+    stored = Path(unquote(urlsplit(run.info.artifact_uri).path))
+    (stored / "model" / "model.bin").unlink()  # lost from the artifact store
+    (stored / "reports" / "img" / "plot.png").write_bytes(b"png")  # altered: another size
+    differs = CliRunner().invoke(app, ["verify", bucket.uri("runs"), *state])
+
+    assert differs.exit_code == 1, differs.output
+    shown = bucket.uri("runs/v/run_record.jsonl")
+    assert f"{shown}: artifact 'model/model.bin' (expected 700 bytes, found none)" in differs.output
+    assert (
+        f"{shown}: artifact 'reports/img/plot.png' size (expected 30 bytes, found 3 bytes)"
+        in differs.output
+    )
+    assert "reports/index.html" not in differs.output  # untouched: no difference
+    assert "2 records verified, 1 clean, 1 with 2 differences" in differs.output

@@ -349,3 +349,51 @@ def test_expired_credentials_name_the_root_and_it_recovers_once_they_work_again(
     for record_id, count in {"rec-a": 5, "rec-b": 3, "rec-o": 1, "rec-p": 4}.items():
         steps = [s for s, _t, _v in history(client, runs[record_id].info.run_id, "loss")]
         assert steps == list(range(count)), (record_id, steps)  # every point exactly once
+
+
+def test_a_rewritten_credentials_file_is_read_on_the_next_poll_after_a_refusal(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After S3 blamed the credentials, the poller reads the chain again: no reload needed."""
+    import boto3
+
+    from syncd.config import Root
+    from syncd.s3_poller import S3Poller
+    from syncd.sources.s3 import forget_clients
+
+    strict, keys = strict_server_with_a_user()
+    try:
+        s3 = boto3.session.Session(**_session_keys(keys)).client("s3", endpoint_url=strict.url)
+        s3.create_bucket(Bucket="strict-runs")
+        s3.put_object(
+            Bucket="strict-runs", Key="runs/s/run_record.jsonl", Body=record_text("rec-s", 1)
+        )
+        credentials = workdir / "credentials"
+        write_credentials(credentials, {**keys, "AWS_ACCESS_KEY_ID": "AKIAEXPIREDEXPIRED00"})
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        forget_clients()
+        root = Root(path="s3://strict-runs/runs", endpoint_url=strict.url)
+        noticed: list[str] = []
+        status: list[str | None] = []
+        poller = S3Poller(
+            [root],
+            noticed.append,
+            interval=1.0,
+            timeout=5.0,
+            on_status=lambda _root, error: status.append(error),
+        )
+
+        poller.poll(root)
+        assert status[-1] is not None and "access key is not valid" in status[-1]
+        assert noticed == []
+
+        write_credentials(credentials, keys)  # rotated by whatever renews the file
+        poller.poll(root)
+        assert status[-1] is None
+        assert noticed == ["s3://strict-runs/runs/s/run_record.jsonl"]
+    finally:
+        strict.stop()
+        forget_clients()

@@ -32,7 +32,7 @@ from syncd.ledger import (
 )
 from syncd.logging import redact_text
 from syncd.sink import MlflowSink, RetryPolicy
-from syncd.sources import RecordFile
+from syncd.sources import RecordFile, etag_of
 from syncd.sources.local import LocalRecord, find_records
 from syncd.sources.s3 import S3Record, S3SourceError, client_for, list_records, split_uri
 from syncd.store_schema import StoreSchemaError
@@ -377,7 +377,7 @@ def _needs_writes(record: RecordFile, row: RecordRow | None) -> bool:
             size, mtime_ns = record.stat()
         except OSError:
             return False
-    return row is None or not settled_and_unchanged(row, size, mtime_ns)
+    return row is None or not settled_and_unchanged(row, size, mtime_ns, etag_of(record))
 
 
 def record_locator(

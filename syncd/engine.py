@@ -63,7 +63,7 @@ from syncd.record.reader import (
     tail_of,
 )
 from syncd.sink import ApplyResult, Bounded, unbounded
-from syncd.sources import RecordFile
+from syncd.sources import RecordFile, etag_of
 from syncd.sources.local import path_from_uri
 
 log = structlog.get_logger("syncd.engine")
@@ -131,9 +131,17 @@ class _Unset:
 _UNSET = _Unset()
 
 
-def settled_and_unchanged(row: RecordRow, size: int, mtime_ns: int) -> bool:
-    """The ledger settled this record at exactly this size and mtime: nothing to read."""
-    return row.size == size and row.mtime_ns == mtime_ns and row.state in SETTLED_STATES
+def settled_and_unchanged(
+    row: RecordRow, size: int, mtime_ns: int, etag: str | None = None
+) -> bool:
+    """The ledger settled this record at exactly this size, mtime (and ETag, for an S3
+    object): nothing to read."""
+    return (
+        row.size == size
+        and row.mtime_ns == mtime_ns
+        and row.etag == etag
+        and row.state in SETTLED_STATES
+    )
 
 
 class Engine:
@@ -241,7 +249,7 @@ class Engine:
             size, mtime_ns = record.stat()
         except OSError:
             return None, None  # the sync reports it (or marks the record gone)
-        if row is not None and settled_and_unchanged(row, size, mtime_ns):
+        if row is not None and settled_and_unchanged(row, size, mtime_ns, etag_of(record)):
             return Outcome(source=record.display, state=row.state, skipped=True), None
         return None, (size, mtime_ns)
 
@@ -281,7 +289,8 @@ class Engine:
             size, mtime_ns = stat if stat is not None else record.stat()
         except FileNotFoundError:
             return self._gone(record, row)
-        if row is not None and settled_and_unchanged(row, size, mtime_ns):
+        etag = etag_of(record)  # of the version just stat-ed, which the reads are pinned to
+        if row is not None and settled_and_unchanged(row, size, mtime_ns, etag):
             return Outcome(source=record.display, state=row.state, skipped=True)
 
         row = row or RecordRow(source=record.uri)
@@ -323,7 +332,7 @@ class Engine:
                 record,
                 row,
                 parsed,
-                (size, mtime_ns) if settled else None,
+                (size, mtime_ns, etag) if settled else None,
                 outcome,
                 tail=parsed_tail,
             )
@@ -334,12 +343,13 @@ class Engine:
             pass  # not settled: the rest of the file is read on the next sync
         elif row.state in (PENDING, BOUND, WAITING, FAILED) and row.offset == 0:
             # No complete line yet: nothing to write until the file changes.
-            if not self.dry_run and (row.size, row.mtime_ns, row.state) != (
+            if not self.dry_run and (row.size, row.mtime_ns, row.etag, row.state) != (
                 size,
                 mtime_ns,
+                etag,
                 PENDING,
             ):
-                row.size, row.mtime_ns, row.state = size, mtime_ns, PENDING
+                row.size, row.mtime_ns, row.etag, row.state = size, mtime_ns, etag, PENDING
                 row.attempts, row.next_attempt_at = 0, None
                 self._commit(Progress(record=row, kind="pending"))
         else:
@@ -347,7 +357,7 @@ class Engine:
             if recovered:  # every line is acknowledged now: the retry is over
                 row.state = ERROR if row.error_count else SYNCED
                 row.attempts, row.next_attempt_at, row.last_error = 0, None, None
-            self._settle(row, size, mtime_ns, force=recovered)
+            self._settle(row, (size, mtime_ns, etag), force=recovered)
         outcome.state = row.state
         outcome.offset = row.offset
         return outcome
@@ -362,6 +372,7 @@ class Engine:
         row = self.ledger.get_record(record.uri) or RecordRow(source=record.uri)
         with contextlib.suppress(OSError):  # settled: looked at again when the file changes
             row.size, row.mtime_ns = record.stat()
+            row.etag = etag_of(record)
         row.state = BLOCKED
         self._commit(Progress(record=row, kind="held", errors=list(outcome.errors), detail=reason))
         return outcome
@@ -430,7 +441,7 @@ class Engine:
         record: RecordFile,
         row: RecordRow,
         parsed: ParsedLines,
-        settled_stat: tuple[int, int] | None,
+        settled_stat: tuple[int, int, str | None] | None,
         outcome: Outcome,
         *,
         tail: str | None = None,
@@ -542,7 +553,7 @@ class Engine:
             row.error_count += len(errors)
             return
         if settled_stat is not None:  # only once every complete line is in: else re-read
-            row.size, row.mtime_ns = settled_stat
+            row.size, row.mtime_ns, row.etag = settled_stat
         self._commit(progress)
         if plan.run is not None and progress.run is not None:
             self._link_children(progress.run)
@@ -650,11 +661,13 @@ class Engine:
                 continue
             self.ledger.mark_linked(child.record_id)
 
-    def _settle(self, row: RecordRow, size: int, mtime_ns: int, *, force: bool = False) -> None:
-        """Remember the file's size and mtime so an unchanged file is skipped unread."""
-        if self.dry_run or (row.size == size and row.mtime_ns == mtime_ns and not force):
+    def _settle(
+        self, row: RecordRow, stat: tuple[int, int, str | None], *, force: bool = False
+    ) -> None:
+        """Remember the size, mtime (and ETag) so an unchanged record is skipped unread."""
+        if self.dry_run or ((row.size, row.mtime_ns, row.etag) == stat and not force):
             return
-        row.size, row.mtime_ns = size, mtime_ns
+        row.size, row.mtime_ns, row.etag = stat
         self._commit(Progress(record=row, kind="settled"))
 
     def _gone(self, record: RecordFile, row: RecordRow | None) -> Outcome:

@@ -80,6 +80,7 @@ records = sa.Table(
     sa.Column("next_attempt_at", sa.Float),
     sa.Column("version", sa.Integer, nullable=False, default=0, server_default="0"),
     sa.Column("tail", sa.String(80)),  # continuity mark of the last consumed line
+    sa.Column("etag", sa.String(128)),  # schema 4: an S3 object's ETag (NULL for files)
 )
 
 runs = sa.Table(
@@ -181,6 +182,7 @@ class RecordRow:
     next_attempt_at: float | None = None  # epoch seconds; None: no retry scheduled
     version: int = 0  # the row's version in the ledger (0: no row yet); compare-and-set
     tail: str | None = None  # continuity mark of the last consumed line
+    etag: str | None = None  # the S3 object's ETag when it was settled (None: a file)
 
 
 @dataclass(slots=True)
@@ -220,7 +222,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 
 # The newest migration in syncd/ledger_migrations/versions (a test keeps them equal).
-LEDGER_SCHEMA_HEAD = "0003"
+LEDGER_SCHEMA_HEAD = "0004"
 
 
 class LedgerConflict(LedgerError):
@@ -863,7 +865,9 @@ def _legacy_revision(conn: Connection) -> str | None:
     columns = {c["name"] for c in inspector.get_columns("syncd_records")}
     if "version" not in columns:
         return "0001"
-    return "0003" if inspector.has_table("syncd_leases") else "0002"
+    if not inspector.has_table("syncd_leases"):
+        return "0002"
+    return "0004" if "etag" in columns else "0003"
 
 
 @contextmanager
@@ -973,6 +977,7 @@ def _record_row(row: Any) -> RecordRow:
         next_attempt_at=row.next_attempt_at,
         version=row.version or 0,
         tail=row.tail,
+        etag=row.etag,
     )
 
 
@@ -1006,6 +1011,7 @@ def _record_values(sink: str, rec: RecordRow, now: float) -> dict[str, Any]:
         "attempts": rec.attempts,
         "next_attempt_at": rec.next_attempt_at,
         "tail": rec.tail,
+        "etag": rec.etag,
     }
 
 

@@ -31,4 +31,11 @@ class RecordFile(Protocol):
         ...
 
 
-__all__ = ["RecordFile"]
+def etag_of(record: RecordFile) -> str | None:
+    """The content tag the record's last ``stat()`` (or its listing) saw: an S3 object's
+    ETag, kept in the ledger beside size and mtime. None for a source without one."""
+    etag = getattr(record, "etag", None)
+    return etag if isinstance(etag, str) else None
+
+
+__all__ = ["RecordFile", "etag_of"]

@@ -8,10 +8,10 @@ a prefix. So a record is read exactly like a local file, through
 Discovery is a paginated ListObjectsV2 under the root's prefix, with the
 root's glob applied to the keys. Each listed object carries its size, ETag and
 LastModified, so the engine can tell an unchanged object from the listing
-alone, without a GET. The ledger keeps (size, mtime_ns) per record; for an
-object ``mtime_ns`` is LastModified in whole seconds (what both a listing and
-a HEAD report) plus a number derived from the ETag in the sub-second part: a
-re-upload within the same second with the same size still looks changed.
+alone, without a GET. The ledger keeps (size, mtime_ns, etag) per record; for
+an object ``mtime_ns`` is LastModified in whole seconds (what both a listing and
+a HEAD report) and ``etag`` its ETag: a re-upload within the same second with
+the same size still looks changed.
 
 Artifacts are keys under the record's prefix ("folders" are key prefixes),
 confined as on disk (``..`` and absolute paths are refused), downloaded into a
@@ -100,12 +100,8 @@ class S3Object:
 
     @property
     def mtime_ns(self) -> int:
-        """The ledger's change mark: LastModified (s) plus an ETag-derived sub-second part."""
-        return self.last_modified_ns + etag_mark(self.etag)
-
-
-def etag_mark(etag: str) -> int:
-    return int(hashlib.sha256(etag.encode()).hexdigest()[:8], 16) % 1_000_000_000
+        """LastModified (whole seconds, in ns); the ETag is kept beside it."""
+        return self.last_modified_ns
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -339,6 +335,12 @@ class S3Record:
             obj = head(self._client, self.bucket, self.key)
         self._current = obj
         return obj.size, obj.mtime_ns
+
+    @property
+    def etag(self) -> str | None:
+        """The ETag of the last ``stat()``, else of the listing (None: neither yet)."""
+        obj = self._current or self._listed
+        return obj.etag if obj is not None else None
 
     def listed_stat(self) -> tuple[int, int] | None:
         """What the listing said (no request), until the first ``stat()``."""

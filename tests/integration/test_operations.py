@@ -184,7 +184,7 @@ def test_a_ledger_from_the_first_schema_is_upgraded_in_place(
     run_backfill(workdir / "runs", tracking_uri)
     ledger_db = workdir / ".syncd" / "ledger.db"
     with sqlite3.connect(ledger_db) as conn:  # back to schema 1
-        for column in ("attempts", "next_attempt_at", "version", "tail"):
+        for column in ("attempts", "next_attempt_at", "version", "tail", "etag"):
             conn.execute(f'ALTER TABLE syncd_records DROP COLUMN "{column}"')
         conn.execute("DROP TABLE syncd_leases")  # added later too
         conn.execute('ALTER TABLE syncd_sync_events DROP COLUMN "worker"')

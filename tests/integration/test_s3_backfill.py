@@ -366,3 +366,66 @@ def test_verify_compares_the_artifacts_of_s3_records(
     )
     assert "reports/index.html" not in differs.output  # untouched: no difference
     assert "2 records verified, 1 clean, 1 with 2 differences" in differs.output
+
+
+def test_the_ledger_keeps_an_objects_etag_beside_its_size_and_last_modified(
+    bucket: Bucket, tracking_uri: str, workdir: Path
+) -> None:
+    from syncd.ledger import Ledger
+
+    key = "runs/e/run_record.jsonl"
+    bucket.put(key, record_text("rec-e", range(3)))
+    assert sync([bucket.uri("runs")], tracking_uri, workdir).synced == 1
+    head = bucket.client.head_object(Bucket=bucket.name, Key=key)
+
+    ledger = Ledger(f"sqlite:///{workdir / '.syncd' / 'ledger.db'}", tracking_uri)
+    row = ledger.get_record(bucket.uri(key))
+    ledger.close()
+
+    assert row is not None and row.etag == head["ETag"].strip('"')
+    assert row.mtime_ns == int(head["LastModified"].timestamp()) * 1_000_000_000
+    assert row.size == head["ContentLength"]
+
+
+def test_a_ledger_of_schema_3_with_s3_records_is_upgraded_and_writes_nothing_twice(
+    bucket: Bucket, tracking_uri: str, client: Any, workdir: Path
+) -> None:
+    """Schema 3 folded the ETag into mtime_ns. After the upgrade each S3 record is looked
+    at once more (its prefix checked) and settled with its ETag; nothing is written twice."""
+    import hashlib
+    import sqlite3
+
+    for name in ("a", "b"):
+        bucket.put(f"runs/{name}/run_record.jsonl", record_text(f"rec-{name}", range(3)))
+    assert sync([bucket.uri("runs")], tracking_uri, workdir).synced == 2
+    db = workdir / ".syncd" / "ledger.db"
+    with sqlite3.connect(db) as conn:  # back to schema 3, as that syncd wrote it
+        for source, etag in conn.execute("SELECT source, etag FROM syncd_records").fetchall():
+            mark = int(hashlib.sha256(etag.encode()).hexdigest()[:8], 16) % 1_000_000_000
+            conn.execute(
+                "UPDATE syncd_records SET mtime_ns = mtime_ns + ? WHERE source = ?",
+                (mark, source),
+            )
+        conn.execute('ALTER TABLE syncd_records DROP COLUMN "etag"')
+        conn.execute("UPDATE syncd_alembic_version SET version_num = '0003'")
+    bucket.put("runs/b/run_record.jsonl", record_text("rec-b", range(5)))  # grown meanwhile
+
+    calls = count_calls(syncd_client(bucket))
+    upgraded = sync([bucket.uri("runs")], tracking_uri, workdir)
+
+    assert upgraded.clean, upgraded.errors
+    assert upgraded.metric_points == 2  # only b's new points: a is checked, not written again
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT version_num FROM syncd_alembic_version").fetchall() == [
+            ("0004",)
+        ]
+        assert all(etag for (etag,) in conn.execute("SELECT etag FROM syncd_records"))
+    runs = runs_by_record(client)
+    assert len(history(client, runs["rec-a"].info.run_id, "loss")) == 3
+    assert len(history(client, runs["rec-b"].info.run_id, "loss")) == 5
+    assert calls["GetObject"] >= 1  # the one look at each record after the upgrade
+
+    calls.clear()
+    again = sync([bucket.uri("runs")], tracking_uri, workdir)
+    assert again.unchanged == 2 and again.clean
+    assert calls == {"ListObjectsV2": 1}  # settled with the ETag: no GET, no HEAD

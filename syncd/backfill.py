@@ -337,7 +337,11 @@ def backfill(
                     )
                     running.append((record.display, done))
                 else:
-                    if not schema_checked and not dry_run and _needs_writes(record, row):
+                    if (
+                        not schema_checked
+                        and not dry_run
+                        and (_needs_writes(record, row) or (row and row.state == BLOCKED))
+                    ):
                         check_store()
                     future = pool.submit(record.uri, partial(_sync_closing, record=record, row=row))
                     assert future is not None  # every path is distinct

@@ -132,15 +132,26 @@ _UNSET = _Unset()
 
 
 def settled_and_unchanged(
-    row: RecordRow, size: int, mtime_ns: int, etag: str | None = None
+    row: RecordRow,
+    size: int,
+    mtime_ns: int,
+    etag: str | None = None,
+    *,
+    recheck_blocked: bool = False,
 ) -> bool:
     """The ledger settled this record at exactly this size, mtime (and ETag, for an S3
-    object): nothing to read."""
+    object): nothing to read.
+
+    ``recheck_blocked``: a ``blocked`` record is not settled for this reader, which
+    may be a newer syncd than the one that held the record back (it knows the event
+    type or version now) or may find the other claimant of its record_id gone.
+    """
     return (
         row.size == size
         and row.mtime_ns == mtime_ns
         and row.etag == etag
         and row.state in SETTLED_STATES
+        and not (recheck_blocked and row.state == BLOCKED)
     )
 
 
@@ -179,6 +190,9 @@ class Engine:
         # The record at a ledger URI (None: a source this process cannot ask), to tell
         # whether an earlier holder of a record_id still exists.
         self.locate = locate or locate_local
+        # Blocked records this engine has read once: each is read again once per
+        # engine (a process start, an upgrade), then only when its file changes.
+        self._rechecked: set[str] = set()
 
     def sync(self, record: RecordFile, row: RecordRow | _Unset | None = _UNSET) -> Outcome:
         """Bring MLflow up to date with the complete lines of ``record``.
@@ -249,9 +263,15 @@ class Engine:
             size, mtime_ns = record.stat()
         except OSError:
             return None, None  # the sync reports it (or marks the record gone)
-        if row is not None and settled_and_unchanged(row, size, mtime_ns, etag_of(record)):
+        if row is not None and settled_and_unchanged(
+            row, size, mtime_ns, etag_of(record), recheck_blocked=self._recheck(row)
+        ):
             return Outcome(source=record.display, state=row.state, skipped=True), None
         return None, (size, mtime_ns)
+
+    def _recheck(self, row: RecordRow) -> bool:
+        """True the first time this engine meets ``row`` blocked (see settled_and_unchanged)."""
+        return row.state == BLOCKED and row.source not in self._rechecked
 
     def _commit(self, progress: Progress) -> None:
         progress.worker = self.worker
@@ -290,8 +310,11 @@ class Engine:
         except FileNotFoundError:
             return self._gone(record, row)
         etag = etag_of(record)  # of the version just stat-ed, which the reads are pinned to
-        if row is not None and settled_and_unchanged(row, size, mtime_ns, etag):
+        if row is not None and settled_and_unchanged(
+            row, size, mtime_ns, etag, recheck_blocked=self._recheck(row)
+        ):
             return Outcome(source=record.display, state=row.state, skipped=True)
+        self._rechecked.add(record.uri)
 
         row = row or RecordRow(source=record.uri)
         reason = replaced_reason(record.read_at, size, _checkpoint(row))
@@ -536,6 +559,11 @@ class Engine:
             row.state = BLOCKED
             progress.kind = "held"
         else:
+            if row.state == BLOCKED:
+                # read past what held it back: that report was no loss (its line has
+                # landed now), so it no longer counts against the record
+                row.error_count = max(0, row.error_count - 1)
+                row.last_error = None
             row.state = ERROR if (errors or row.error_count) else SYNCED
         progress.errors = errors
         for err in errors:

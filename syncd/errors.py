@@ -4,6 +4,7 @@
      ├── ConfigError            bad flags, environment or config file (exit code 2)
      ├── RecordError            a bad line in a run record (path, line, seq, reason)
      │    └── UnsupportedVersion  a line with a format version this syncd does not know
+     │         └── UnknownEventType  a line with an event type this syncd does not know
      ├── LedgerError            the ledger database cannot be opened or written
      ├── SourceError            a record source (an s3:// root) cannot be read now
      └── SinkError              MLflow (or its artifact store) refused or failed a write
@@ -51,6 +52,11 @@ class RecordError(SyncdError):
 
 class UnsupportedVersion(RecordError):
     """A line written in a newer format version: held back, never guessed at."""
+
+
+class UnknownEventType(UnsupportedVersion):
+    """A line of an event type this syncd does not know (not an ``x-`` type): held
+    back like a newer version, since a newer writer may have meant it."""
 
 
 class LedgerError(SyncdError):

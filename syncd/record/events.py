@@ -4,8 +4,10 @@ The contract lives in docs/record-format.md. This module is pure: it never
 touches the disk, the clock or MLflow, so the same rules hold for every
 source and every writer.
 
-A problem with a whole line (invalid JSON, an unknown type, a wrong field
-type) is a :class:`RecordError`: the line is reported and skipped. A problem
+A problem with a whole line (invalid JSON, a wrong field type) is a
+:class:`RecordError`: the line is reported and skipped. A line this syncd
+cannot understand (a newer version, an unknown event type) is an
+:class:`UnsupportedVersion`: it and the rest of its record are held back. A problem
 with one entry of an otherwise good line (one metric that is not a number)
 drops that entry only and is reported beside the event: what can be kept is
 kept.
@@ -20,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from syncd.errors import RecordError, UnsupportedVersion
+from syncd.errors import RecordError, UnknownEventType, UnsupportedVersion
 
 FORMAT_VERSION = 1
 RECORD_FILENAME = "run_record.jsonl"
@@ -107,7 +109,14 @@ def parse_line(raw: bytes, *, line: int, path: str = "") -> Event:
         return Event(seq=seq, ts=ts, type=etype, line=line, fields=obj)
     validate = _VALIDATORS.get(etype)
     if validate is None:
-        raise fail(f"unknown event type {_clip(repr(etype), 80)}", seq)
+        raise UnknownEventType(
+            f"unknown event type {_clip(repr(etype), 80)}: it needs a newer syncd (or is a"
+            f" mistake; name your own types {EXTENSION_PREFIX}...); held back until syncd"
+            " knows it",
+            path=path,
+            line=line,
+            seq=seq,
+        )
     problems: list[str] = []
     try:
         fields = validate(obj, problems)

@@ -445,9 +445,10 @@ def _extension(d: Path) -> None:
     write(
         d,
         started(rid("unknown_and_extension")),
-        line(1, "nonsense", x=1),
-        line(2, "x-checkpoint", note="kept in the ledger"),
-        line(3, "metrics", metrics={"a": 1.0}),
+        line(1, "x-checkpoint", note="kept in the ledger"),
+        line(2, "metrics", metrics={"a": 1.0}),
+        line(3, "nonsense", x=1),  # a newer writer's type, or a mistake: never skipped
+        line(4, "metrics", metrics={"a": 2.0}),
     )
 
 
@@ -549,8 +550,8 @@ CASES: list[Case] = [
     Case(
         "unknown_and_extension",
         _extension,
-        "error",
-        [(2, "unknown event type 'nonsense'")],
+        "blocked",
+        [(4, "unknown event type 'nonsense'")],
         metric_values("unknown_and_extension", "a", [1.0]),
     ),
     Case(

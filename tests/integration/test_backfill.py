@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import (
@@ -23,6 +24,7 @@ from helpers import (
 
 from syncd import RunRecorder
 from syncd.projection import MAX_PARAM_VALUE_LENGTH
+from syncd.record import events as events_module
 
 PARENT = "b0d2adba54a74a478403056136136bb6"
 TRIAL0 = "b52555198df843bfae7e47b1fe85290f"
@@ -155,6 +157,46 @@ def test_child_seen_before_parent_gets_linked(workdir: Path, tracking_uri: str, 
     assert runs["child1"].data.tags["mlflow.parentRunId"] == runs["parent1"].info.run_id
 
 
+def test_an_unknown_event_type_holds_the_record_back_until_syncd_knows_it(
+    workdir: Path, tracking_uri: str, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A newer writer's event type is never skipped: an older syncd holds the record
+    back at that line (blocked, with the reason); once syncd knows the type (here: the
+    "tags" type taken away, then given back, as an upgrade would) the rest lands."""
+    root = workdir / "runs"
+    path = write_record(
+        root / "newer",
+        [
+            started("newer1"),
+            line(1, "metrics", metrics={"loss": 0.5}, step=1),
+            line(2, "tags", tags={"phase": "done"}),
+            line(3, "metrics", metrics={"loss": 0.25}, step=2),
+            line(4, "run_finished", status="FINISHED"),
+        ],
+    )
+    older = dict(events_module._VALIDATORS)
+    del older["tags"]
+    monkeypatch.setattr(events_module, "_VALIDATORS", older)
+    summary = run_backfill(root, tracking_uri)
+    assert (summary.blocked, summary.synced) == (1, 0)
+    (error,) = summary.errors
+    assert (error["file"], error["line"]) == (str(path), 3)
+    assert "unknown event type 'tags'" in error["reason"] and "newer syncd" in error["reason"]
+    run = runs_by_record(client)["newer1"]
+    assert history(client, run.info.run_id, "loss") == [(1, T0 + 1000, 0.5)]
+    assert run.info.status == "RUNNING" and "phase" not in run.data.tags
+    # the same syncd again: nothing is re-reported, the record stays held back
+    again = run_backfill(root, tracking_uri)
+    assert (again.blocked, again.errors) == (1, [])
+
+    monkeypatch.undo()  # the upgrade: the file is unchanged, the record lands
+    upgraded = run_backfill(root, tracking_uri)
+    assert (upgraded.synced, upgraded.blocked, upgraded.errors) == (1, 0, [])
+    run = runs_by_record(client)["newer1"]
+    assert history(client, run.info.run_id, "loss") == [(1, T0 + 1000, 0.5), (2, T0 + 3000, 0.25)]
+    assert run.info.status == "FINISHED" and run.data.tags["phase"] == "done"
+
+
 def test_bad_lines_are_reported_and_the_rest_lands(
     workdir: Path, tracking_uri: str, client
 ) -> None:
@@ -170,9 +212,8 @@ def test_bad_lines_are_reported_and_the_rest_lands(
             line(3, "params", params={"bad@name": "x", "ok": 1}),
             line(5, "tags", tags={"after_gap": "yes"}),
             line(5, "tags", tags={"repeat": "yes"}),
-            line(6, "nonsense"),
-            line(7, "x-checkpoint", note="kept in the ledger"),
-            line(8, "run_finished", status="FINISHED"),
+            line(6, "x-checkpoint", note="kept in the ledger"),
+            line(7, "run_finished", status="FINISHED"),
         ],
     )
     summary = run_backfill(root, tracking_uri)
@@ -186,7 +227,6 @@ def test_bad_lines_are_reported_and_the_rest_lands(
     assert "bad@name" in by_line[4]
     assert "seq gap" in by_line[5]
     assert "repeats" in by_line[6]
-    assert "unknown event type" in by_line[7]
     assert len(reasons) == len(summary.errors)
 
     runs = runs_by_record(client)

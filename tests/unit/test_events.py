@@ -292,10 +292,11 @@ def test_missing_or_negative_ts_is_an_error(ts: object) -> None:
     assert err.seq == 1
 
 
-def test_unknown_type_is_an_error() -> None:
+def test_unknown_type_is_held_back_like_a_newer_version() -> None:
     err = parse_error(raw(type="checkpoint"))
-    assert "unknown event type" in err.reason
-    assert "checkpoint" in err.reason
+    assert isinstance(err, UnsupportedVersion)
+    assert "unknown event type 'checkpoint'" in err.reason
+    assert "newer syncd" in err.reason
 
 
 def test_non_string_type_is_an_error() -> None:

@@ -102,6 +102,15 @@ class TextArtifact:
 
 
 @dataclass(frozen=True, slots=True)
+class TagDeletion:
+    """A run tag to delete, after the plan's batches (deleting an absent tag is a no-op)."""
+
+    key: str
+    line: int = 0
+    seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class DatasetInput:
     name: str
     digest: str
@@ -122,6 +131,7 @@ class WritePlan:
 
     run: RunSpec | None = None
     batches: list[Batch] = field(default_factory=list)
+    deleted_tags: list[TagDeletion] = field(default_factory=list)
     texts: list[TextArtifact] = field(default_factory=list)
     artifacts: list[ArtifactUpload] = field(default_factory=list)
     datasets: list[DatasetInput] = field(default_factory=list)
@@ -134,7 +144,14 @@ class WritePlan:
     @property
     def is_empty(self) -> bool:
         return (
-            not (self.run or self.batches or self.texts or self.artifacts or self.datasets)
+            not (
+                self.run
+                or self.batches
+                or self.deleted_tags
+                or self.texts
+                or self.artifacts
+                or self.datasets
+            )
             and self.status is None
         )
 
@@ -208,6 +225,7 @@ class _Planner:
         self.batch.size_bytes += size
 
     def add_tag(self, entry: Entry) -> None:
+        self._undelete(entry.key)
         size = len(entry.key) + len(entry.value) + 16
         for i, existing in enumerate(self.batch.tags):
             if existing.key == entry.key:  # a later value wins; one key per call
@@ -277,6 +295,24 @@ class _Planner:
         for key, value in self._valid_tags(event, event.fields["tags"]).items():
             self.add_tag(Entry(key, value, event.line, event.seq))
 
+    def tag_deleted(self, event: Event) -> None:
+        """The tag goes, whatever this plan set before; a later set brings it back."""
+        key = event.fields["key"]
+        reason = name_problem("tag", key)
+        if reason is None and key.startswith("syncd."):
+            reason = f"tag {key!r} is syncd's own and cannot be deleted"
+        if reason:
+            self.problem(event, reason)
+            return
+        for batch in [*self.plan.batches, self.batch]:
+            batch.tags = [t for t in batch.tags if t.key != key]
+        self._undelete(key)
+        self.plan.deleted_tags.append(TagDeletion(key, event.line, event.seq))
+
+    def _undelete(self, key: str) -> None:
+        if self.plan.deleted_tags:
+            self.plan.deleted_tags = [d for d in self.plan.deleted_tags if d.key != key]
+
     def _valid_tags(self, event: Event, raw: dict[str, str]) -> dict[str, str]:
         tags: dict[str, str] = {}
         for key, value in raw.items():
@@ -339,6 +375,8 @@ class _Planner:
 
     def finish(self) -> WritePlan:
         self._flush()
+        if self.plan.deleted_tags:  # a batch may have lost every tag to a deletion
+            self.plan.batches = [b for b in self.plan.batches if len(b)]
         return self.plan
 
 

@@ -103,7 +103,6 @@ _HINTS = {
     "restore_experiment": "restore the experiment in the mirrored tracking store",
     "rename_experiment": "rename the experiment in the mirrored tracking store",
     "delete_experiment_tag": "delete the tag in the mirrored tracking store",
-    "delete_tag": "run records have no tag deletion yet; set the tag to a new value instead",
     "log_outputs": "logged models are not recorded by the syncd: tracking store yet",
     "create_logged_model": "logged models are not recorded by the syncd: tracking store yet;"
     " log the model's files with mlflow.log_artifacts",
@@ -293,6 +292,8 @@ class _RunView:
             self.tags.update(f["tags"])
             if MLFLOW_RUN_NAME in f["tags"]:
                 self.run_name = f["tags"][MLFLOW_RUN_NAME]
+        elif etype == "tag_deleted":
+            self.tags.pop(f["key"], None)
         elif etype == "dataset":
             tags = [InputTag(CONTEXT_TAG, f["context"])] if f["context"] else []
             digest = f["digest"] or ""
@@ -463,8 +464,17 @@ class SyncdStore(AbstractStore):
 
     # -- runs ------------------------------------------------------------------------
 
-    # Not on AbstractStore, but MlflowClient.delete_tag calls it.
-    delete_tag = _refuse("delete_tag")
+    def delete_tag(self, run_id: str, key: str) -> None:
+        """A ``tag_deleted`` event; like MLflow's stores, a tag that is not set is an error."""
+        run = self._run(run_id)
+        with run.lock:
+            run.view.refresh()
+            if key not in run.view.tags:
+                raise MlflowException(
+                    f"No tag with name: {key} in run with id {run_id}", RESOURCE_DOES_NOT_EXIST
+                )
+            run.ensure_open()
+            run.writer.write("tag_deleted", {"key": key})
 
     def _run(self, run_id: str) -> _Run:
         with self._runs_lock:

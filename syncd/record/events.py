@@ -29,12 +29,23 @@ RUN_STARTED = "run_started"
 PARAMS = "params"
 METRICS = "metrics"
 TAGS = "tags"
+TAG_DELETED = "tag_deleted"
 ARTIFACT = "artifact"
 DATASET = "dataset"
 RUN_RESUMED = "run_resumed"
 RUN_FINISHED = "run_finished"
 EVENT_TYPES = frozenset(
-    {RUN_STARTED, PARAMS, METRICS, TAGS, ARTIFACT, DATASET, RUN_RESUMED, RUN_FINISHED}
+    {
+        RUN_STARTED,
+        PARAMS,
+        METRICS,
+        TAGS,
+        TAG_DELETED,
+        ARTIFACT,
+        DATASET,
+        RUN_RESUMED,
+        RUN_FINISHED,
+    }
 )
 EXTENSION_PREFIX = "x-"
 FINAL_STATUSES = frozenset({"FINISHED", "FAILED", "KILLED"})
@@ -355,6 +366,13 @@ def _validate_tags(obj: dict[str, Any], problems: list[str]) -> dict[str, Any]:
     return {"tags": _string_tags(_mapping_field(obj, "tags", required=True), problems)}
 
 
+def _validate_tag_deleted(obj: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    key = _str_field(obj, "key", required=True)
+    if not key:
+        raise _FieldError("field 'key' must not be empty")
+    return {"key": key}
+
+
 def _validate_artifact(obj: dict[str, Any], problems: list[str]) -> dict[str, Any]:
     path = _str_field(obj, "path", required=True)
     if not path:
@@ -390,6 +408,7 @@ _VALIDATORS = {
     PARAMS: _validate_params,
     METRICS: _validate_metrics,
     TAGS: _validate_tags,
+    TAG_DELETED: _validate_tag_deleted,
     ARTIFACT: _validate_artifact,
     DATASET: _validate_dataset,
     RUN_RESUMED: _validate_run_resumed,

@@ -236,6 +236,10 @@ class RunRecorder:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self._append("tags", {"tags": {k: str(v) for k, v in tags.items()}})
 
+    def delete_tag(self, key: str) -> None:
+        """Delete a run tag (deleting a tag that is not set is not an error)."""
+        self._append("tag_deleted", {"key": key})
+
     def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
         """Record a file or folder inside the run directory as an artifact."""
         self._append("artifact", self._artifact_fields(path, artifact_path))

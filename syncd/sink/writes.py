@@ -64,6 +64,8 @@ class Writes:
             ]
         for batch in batches:
             self._log_batch(run_id, batch, result)
+        for deletion in plan.deleted_tags:
+            self._delete_tag(run_id, deletion.key)
         for text in plan.texts:
             self.calls.call(
                 "log_text", self.calls.client.log_text, run_id, text.text, text.artifact_file
@@ -115,6 +117,22 @@ class Writes:
             self._try_entry(result, param.line, param.seq, partial(call, [], [param], []))
         for tag in batch.tags:
             self._try_entry(result, tag.line, tag.seq, partial(call, [], [], [tag]))
+
+    def _delete_tag(self, run_id: str, key: str) -> None:
+        """Delete a run tag; a tag already absent (a replay, or never set) is fine."""
+        from mlflow.exceptions import MlflowException
+
+        client = self.calls.client
+
+        def delete() -> None:
+            try:
+                client.delete_tag(run_id, key)
+            except MlflowException as exc:
+                absent = "no tag with name" in str(exc).lower()
+                if exc.error_code != "RESOURCE_DOES_NOT_EXIST" or not absent:
+                    raise
+
+        self.calls.call("delete_tag", delete)
 
     def _try_entry(self, result: ApplyResult, line: int, seq: int, fn: Callable[[], None]) -> None:
         try:

@@ -131,6 +131,12 @@ def test_tags_event() -> None:
     assert event.problems == []
 
 
+def test_tag_deleted_event() -> None:
+    assert parse(raw(type="tag_deleted", key="stage")).fields == {"key": "stage"}
+    assert "'key'" in parse_error(raw(type="tag_deleted")).reason
+    assert "'key'" in parse_error(raw(type="tag_deleted", key="")).reason
+
+
 def test_artifact_event_with_and_without_artifact_path() -> None:
     event = parse(raw(type="artifact", path="reports/confusion.png", artifact_path="reports"))
     assert event.fields == {"path": "reports/confusion.png", "artifact_path": "reports"}

@@ -383,3 +383,14 @@ def test_importing_and_using_syncd_does_not_import_mlflow(tmp_path: Path) -> Non
     )
     assert out.stdout.split() == ["False", "False", "False"]
     assert len(events_of(tmp_path / "run_record.jsonl")) == 5
+
+
+def test_delete_tag_appends_a_tag_deleted_event(tmp_path: Path) -> None:
+    with RunRecorder(tmp_path / "run", experiment="e") as rec:
+        rec.set_tag("stage", "train")
+        rec.delete_tag("stage")
+    events = events_of(rec.path)
+    assert [(e.type, e.fields) for e in events[1:3]] == [
+        ("tags", {"tags": {"stage": "train"}}),
+        ("tag_deleted", {"key": "stage"}),
+    ]

@@ -236,10 +236,17 @@ def test_every_abstract_store_method_is_served_or_refused(root: Path) -> None:
         assert name in refused
 
 
-def test_delete_tag_fails_clearly(client: MlflowClient) -> None:
-    run_id = client.create_run("0", tags={"k": "v"}).info.run_id
-    with pytest.raises(MlflowException, match="delete_tag is not supported"):
-        client.delete_tag(run_id, "k")
+def test_delete_tag_records_a_tag_deletion(client: MlflowClient, root: Path) -> None:
+    run_id = client.create_run("0", tags={"k": "v", "keep": "1"}).info.run_id
+    client.delete_tag(run_id, "k")
+    tags = client.get_run(run_id).data.tags
+    assert "k" not in tags and tags["keep"] == "1"
+    with pytest.raises(MlflowException, match="No tag with name: k"):
+        client.delete_tag(run_id, "k")  # as MLflow's own stores answer
+    events = events_of(record_of(root, run_id))
+    assert [(e.type, e.fields) for e in events if e.type == "tag_deleted"] == [
+        ("tag_deleted", {"key": "k"})
+    ]
 
 
 def test_async_logging_through_the_fluent_api_loses_nothing(

@@ -29,6 +29,7 @@ MAX_PARAMS_TAGS_PER_BATCH = 100
 MAX_ENTITIES_PER_BATCH = 1000
 MAX_BATCH_BYTES = 900_000  # MLflow refuses REST batches over 1 MB; keep a margin
 MAX_DATASET_DIGEST_LENGTH = 36
+MODEL_NAME_FORBIDDEN = ("/", ":", ".", "%", '"', "'")  # _validate_logged_model_name
 
 RECORD_ID_TAG = "syncd.record_id"
 SOURCE_TAG = "syncd.source"
@@ -120,6 +121,28 @@ class DatasetInput:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """A logged model of the run: its files (a folder of the run directory) and metadata.
+
+    ``model_id`` is the writer's id; the mirrored LoggedModel is found again by
+    the ``syncd.model_id`` tag, so a replay never makes a second one.
+    """
+
+    model_id: str
+    name: str
+    path: str
+    model_type: str | None
+    params: dict[str, str]
+    tags: dict[str, str]
+    status: str  # READY, FAILED or PENDING
+    step: int
+    registered_model_name: str | None
+    alias: str | None
+    line: int = 0
+    seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class StatusChange:
     status: str  # RUNNING, FINISHED, FAILED or KILLED
     end_time: int | None
@@ -135,6 +158,7 @@ class WritePlan:
     texts: list[TextArtifact] = field(default_factory=list)
     artifacts: list[ArtifactUpload] = field(default_factory=list)
     datasets: list[DatasetInput] = field(default_factory=list)
+    models: list[ModelSpec] = field(default_factory=list)
     status: StatusChange | None = None
     problems: list[RecordError] = field(default_factory=list)
     extensions: list[Event] = field(default_factory=list)
@@ -151,6 +175,7 @@ class WritePlan:
                 or self.texts
                 or self.artifacts
                 or self.datasets
+                or self.models
             )
             and self.status is None
         )
@@ -357,6 +382,47 @@ class _Planner:
                 context=f["context"],
             )
         )
+
+    def model(self, event: Event) -> None:
+        """A model; a later event for the same ``model_id`` replaces it (the last one wins)."""
+        f = event.fields
+        if any(c in f["name"] for c in MODEL_NAME_FORBIDDEN):
+            self.problem(
+                event,
+                f"model name {f['name']!r} has characters MLflow refuses"
+                f" ({' '.join(MODEL_NAME_FORBIDDEN)}); model not mirrored",
+            )
+            return
+        params: dict[str, str] = {}
+        for key, value in f["params"].items():
+            reason = name_problem("param", key)
+            if reason is None and len(value) > MAX_PARAM_VALUE_LENGTH:
+                reason = f"model param {key!r}: value longer than {MAX_PARAM_VALUE_LENGTH}"
+            if reason:
+                self.problem(event, reason)
+            else:
+                params[key] = value
+        tags = {
+            k: v
+            for k, v in self._valid_tags(event, f["tags"]).items()
+            if not k.startswith("syncd.")
+        }
+        spec = ModelSpec(
+            model_id=f["model_id"],
+            name=f["name"],
+            path=f["path"],
+            model_type=f["model_type"],
+            params=params,
+            tags=tags,
+            status=f["status"],
+            step=f["step"],
+            registered_model_name=f["registered_model_name"],
+            alias=f["alias"],
+            line=event.line,
+            seq=event.seq,
+        )
+        models = [m for m in self.plan.models if m.model_id != spec.model_id]
+        self.plan.models = [*models, spec]
 
     def run_resumed(self, event: Event) -> None:
         self.plan.status = StatusChange("RUNNING", None)

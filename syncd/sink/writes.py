@@ -3,7 +3,7 @@ datasets, status."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
@@ -21,6 +21,7 @@ from syncd.projection import (
     WritePlan,
 )
 from syncd.sink.calls import Calls
+from syncd.sink.models import Models
 from syncd.sink.results import ApplyResult
 
 log = structlog.get_logger("syncd.sink")
@@ -40,8 +41,9 @@ def _size_of(path: Path) -> int:
 class Writes:
     """Applies the writes of a plan to a known run."""
 
-    def __init__(self, calls: Calls) -> None:
+    def __init__(self, calls: Calls, tracking_uri: str) -> None:
         self.calls = calls
+        self.models = Models(calls, tracking_uri)
 
     def write(
         self,
@@ -49,6 +51,7 @@ class Writes:
         result: ApplyResult,
         parent_run_id: str | None,
         uploads: list[ResolvedArtifact],
+        model_files: Mapping[str, ResolvedArtifact] | None = None,
     ) -> None:
         run_id = result.run_id
         batches = list(plan.batches)
@@ -74,6 +77,10 @@ class Writes:
             self._upload(run_id, upload, result)
         if plan.datasets:
             self._log_datasets(run_id, plan)
+        record_id = plan.run.record_id if plan.run else None
+        for model in plan.models:
+            files = (model_files or {}).get(model.model_id)
+            self.models.write(model, result, record_id, files)
         if plan.status is not None:
             if plan.status.status == "RUNNING":
                 self.calls.call(

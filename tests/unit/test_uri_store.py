@@ -230,9 +230,21 @@ def test_every_abstract_store_method_is_served_or_refused(root: Path) -> None:
             refused.append(name)
         else:
             implemented.append(name)
-    for name in ("create_run", "log_batch", "get_run", "update_run_info", "log_inputs"):
+    for name in (
+        "create_run",
+        "log_batch",
+        "get_run",
+        "update_run_info",
+        "log_inputs",
+        "create_logged_model",
+        "log_outputs",
+        "get_logged_model",
+        "finalize_logged_model",
+        "set_logged_model_tags",
+        "get_metric_history",
+    ):
         assert name in implemented
-    for name in ("delete_run", "start_trace", "create_logged_model"):
+    for name in ("delete_run", "start_trace", "search_logged_models"):
         assert name in refused
 
 

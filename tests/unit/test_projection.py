@@ -297,6 +297,33 @@ def test_deleting_syncd_tags_or_invalid_names_is_a_problem() -> None:
     assert "syncd's own" in p.problems[0].reason
 
 
+# -- models ---------------------------------------------------------------------------------
+
+
+def model_event(seq: int, **fields: Any) -> Event:
+    base = {"model_id": "m-1", "name": "clf", "path": "models/m-1"}
+    return event(seq, "model", **{**base, **fields})
+
+
+def test_a_later_model_event_for_the_same_model_replaces_it() -> None:
+    p = plan(
+        model_event(1, tags={"a": "1", "syncd.model_id": "forged"}, params={"lr": 0.1}),
+        model_event(2, model_id="m-2", name="other"),
+        model_event(3, tags={"a": "2"}, registered_model_name="ranker", alias="prod"),
+    )
+    assert [(m.model_id, m.seq) for m in p.models] == [("m-2", 2), ("m-1", 3)]
+    last = p.models[1]
+    assert last.tags == {"a": "2"} and last.params == {}
+    assert (last.registered_model_name, last.alias, last.status) == ("ranker", "prod", "READY")
+    assert not p.is_empty and p.problems == []
+
+
+def test_model_name_mlflow_refuses_is_a_problem() -> None:
+    p = plan(model_event(1, name="my.model"), model_event(2, tags={"bad tag!": "x"}))
+    assert [m.seq for m in p.models] == [2] and p.models[0].tags == {}
+    assert [(line, seq) for line, seq, _ in problem_view(p)] == [(2, 1), (3, 2)]
+
+
 def test_tag_value_over_the_limit_is_truncated_with_a_problem() -> None:
     p = plan(event(1, "tags", tags={"notes": "z" * 9000}))
     assert len(final_tags(p)["notes"]) == 8000

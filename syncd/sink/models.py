@@ -12,23 +12,26 @@ Every step is idempotent, so a replay or a crash at any point converges:
 from __future__ import annotations
 
 import json
+import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
 from syncd.artifacts import ArtifactRefused, ResolvedArtifact, staged
-from syncd.errors import RecordError
+from syncd.errors import PermanentSinkError, RecordError
 from syncd.projection import RECORD_ID_TAG, ModelSpec
-from syncd.sink.calls import Calls
+from syncd.sink.calls import Calls, classify
 from syncd.sink.results import ApplyResult
 
 log = structlog.get_logger("syncd.sink")
+T = TypeVar("T")
 
 MODEL_ID_TAG = "syncd.model_id"
 MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # what mlflow's own registration sets
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 
 
 class Models:
@@ -92,27 +95,43 @@ class Models:
         tags[MODEL_ID_TAG] = spec.model_id
         if record_id:
             tags[RECORD_ID_TAG] = record_id
-        # Not retried blindly: a create whose reply was lost is looked up first.
-        for _attempt in range(2):
+        model = self._create_or_find(
+            "create_logged_model",
+            lambda: self.calls.client.create_logged_model(
+                result.experiment_id,
+                name=spec.name,
+                source_run_id=result.run_id,
+                tags=tags,
+                params=spec.params or None,
+                model_type=spec.model_type,
+            ),
+            lambda: self._find(result.experiment_id, spec.model_id),
+        )
+        log.debug("model_mirrored", model_id=model.model_id, record_model_id=spec.model_id)
+        return model
+
+    def _create_or_find(
+        self, what: str, create: Callable[[], T], find: Callable[[], T | None]
+    ) -> T:
+        """Create, or find what a failed create may have made (its reply lost).
+
+        MLflow's creates are not idempotent: never retried before looking up
+        what they would have made. Transient failures are retried with backoff.
+        """
+        attempt = 0
+        while True:
             try:
-                with self.calls.bounded("create_logged_model", self.calls.call_deadline):
-                    model = self.calls.client.create_logged_model(
-                        result.experiment_id,
-                        name=spec.name,
-                        source_run_id=result.run_id,
-                        tags=tags,
-                        params=spec.params or None,
-                        model_type=spec.model_type,
-                    )
-                log.debug("model_created", model_id=model.model_id, record_model_id=spec.model_id)
-                return model
-            except Exception:
-                existing = self._find(result.experiment_id, spec.model_id)
+                with self.calls.bounded(what, self.calls.call_deadline):
+                    return create()
+            except Exception as exc:
+                err = classify(exc)
+                existing = find()
                 if existing is not None:
                     return existing
-                if _attempt:
-                    raise
-        raise AssertionError("unreachable")
+                if isinstance(err, PermanentSinkError) or attempt + 1 >= self.calls.retry.attempts:
+                    raise err from exc
+                self.calls.note_retry(what, attempt, err)
+                attempt += 1
 
     def _update_tags(self, model: Any, spec: ModelSpec) -> None:
         changed = {k: v for k, v in spec.tags.items() if model.tags.get(k) != v}
@@ -157,45 +176,39 @@ class Models:
 
     def _register(self, name: str, model: Any, run_id: str) -> Any:
         """The version of ``name`` that holds the model, created when there is none."""
-        from mlflow.exceptions import MlflowException
-
         client = self.calls.client
-        try:
-            with self.calls.bounded("get_registered_model", self.calls.call_deadline):
-                client.get_registered_model(name)
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
-                raise
-            self._create_registered_model(name)
+        if not self._registered(name):
+            self._create_or_find(
+                "create_registered_model",
+                lambda: client.create_registered_model(name),
+                lambda: True if self._registered(name) else None,
+            )
         source = f"models:/{model.model_id}"
+
+        def create_version() -> Any:
+            with _global_tracking_uri(self.tracking_uri):
+                return client.create_model_version(
+                    name, source, run_id=run_id, model_id=model.model_id
+                ).version
+
         version = self._version_of(name, model.model_id, run_id, source)
         if version is None:
-            try:
-                with (
-                    self.calls.bounded("create_model_version", self.calls.call_deadline),
-                    _global_tracking_uri(self.tracking_uri),
-                ):
-                    created = client.create_model_version(
-                        name, source, run_id=run_id, model_id=model.model_id
-                    )
-                version = created.version
-            except Exception:
-                version = self._version_of(name, model.model_id, run_id, source)
-                if version is None:
-                    raise
+            version = self._create_or_find(
+                "create_model_version",
+                create_version,
+                lambda: self._version_of(name, model.model_id, run_id, source),
+            )
             log.debug("model_version_created", name=name, version=version)
         self._link_version(model, name, version)
         return version
 
-    def _create_registered_model(self, name: str) -> None:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            with self.calls.bounded("create_registered_model", self.calls.call_deadline):
-                self.calls.client.create_registered_model(name)
-        except MlflowException as exc:  # another writer created it meanwhile
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
+    def _registered(self, name: str) -> bool:
+        found = self.calls.call(
+            "search_registered_models",
+            self.calls.client.search_registered_models,
+            filter_string=f"name = '{_quote(name)}'",
+        )
+        return any(rm.name == name for rm in found)
 
     def _version_of(self, name: str, model_id: str, run_id: str, source: str) -> Any | None:
         versions = self.calls.call(
@@ -238,11 +251,23 @@ _GLOBAL_URI = threading.Lock()
 @contextmanager
 def _global_tracking_uri(uri: str) -> Iterator[None]:
     """MLflow's SQL registry resolves a ``models:/`` source with the process's tracking URI
-    (``MlflowClient()``), not the client's: point it at this sink's store meanwhile."""
+    (``MlflowClient()``), not the client's: point it at this sink's store meanwhile.
+
+    MLflow's helper also rewrites (or, restoring "unset", removes) the
+    MLFLOW_TRACKING_URI variable: it is put back as it was.
+    """
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    with _GLOBAL_URI, _use_tracking_uri(uri):
-        yield
+    with _GLOBAL_URI:
+        saved = os.environ.get(TRACKING_URI_ENV)
+        try:
+            with _use_tracking_uri(uri):
+                yield
+        finally:
+            if saved is None:
+                os.environ.pop(TRACKING_URI_ENV, None)
+            else:
+                os.environ[TRACKING_URI_ENV] = saved
 
 
 def _quote(value: str) -> str:

@@ -254,3 +254,35 @@ def test_sklearn_autolog_through_syncd_mirrors_what_direct_autolog_stores(
     assert mirrored["log_models=True"]["models"] == [("model", "READY", None)]
     assert mirrored["log_models=False"]["models"] == []
     assert "training_accuracy_score" in mirrored["log_models=True"]["metrics"]
+
+
+def test_a_model_left_pending_by_a_crash_is_completed_not_duplicated(
+    workdir: Path, tracking_uri: str
+) -> None:
+    """The sink died after creating the LoggedModel, before its files: the next pass ends it."""
+    import mlflow
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    from syncd import RunRecorder
+
+    fitted = LogisticRegression().fit(np.array([[0.0], [1.0]]), np.array([0, 1]))
+    root = workdir / "runs"
+    with RunRecorder(root / "fit", experiment="crash", run_name="fit") as rec:
+        mlflow.sklearn.save_model(fitted, rec.run_dir / "model", pip_requirements=[])
+        model_id = rec.log_model("model", "clf")
+    run_started = rec.path.read_text().splitlines()[0]
+    # what the interrupted pass left: the run (adopted by its tag) and a PENDING model
+    mirror = MlflowClient(tracking_uri)
+    exp_id = mirror.create_experiment("crash")
+    run = mirror.create_run(exp_id, tags={"syncd.record_id": json.loads(run_started)["record_id"]})
+    pending = mirror.create_logged_model(
+        exp_id, name="clf", source_run_id=run.info.run_id, tags={"syncd.model_id": model_id}
+    )
+
+    summary = run_backfill(root, tracking_uri, workdir / ".syncd")
+    assert (summary.with_errors, summary.failed) == (0, 0), summary.errors
+    (model,) = models_of(mirror, "crash")
+    assert model.model_id == pending.model_id and model.status.value == "READY"
+    assert mirror.search_runs([exp_id])[0].info.run_id == run.info.run_id
+    assert mlflow.sklearn.load_model(model.artifact_location).predict([[1.0]]).tolist() == [1]

@@ -333,6 +333,21 @@ class _Run:
         self.lock = threading.RLock()
         self.params: dict[str, str] | None = None  # what was logged, once known
         self.models: dict[str, _Model] = {}  # models this process logs to the run
+        # start time, name, status, end time and user as this process wrote them: ending
+        # a run answers from these, never by reading back the whole record.
+        self.info: dict[str, Any] | None = None
+
+    def run_info(self) -> dict[str, Any]:
+        if self.info is None:
+            self.view.refresh()
+            self.info = {
+                "start_time": self.view.start_time,
+                "run_name": self.view.run_name,
+                "status": self.view.status,
+                "end_time": self.view.end_time,
+                "user": self.view.tags.get(MLFLOW_USER, ""),
+            }
+        return self.info
 
     @property
     def artifact_uri(self) -> str:
@@ -638,8 +653,16 @@ class SyncdStore(AbstractStore):
         if run.writer.open() is not None:
             run.writer.close(fsync=False)
             raise MlflowException(f"run directory {run_dir} already holds a record", INVALID_STATE)
-        run.writer.write("run_started", fields, ts=_now_ms() if start_time is None else start_time)
+        ts = _now_ms() if start_time is None else start_time
+        run.writer.write("run_started", fields, ts=ts)
         run.params = {}
+        run.info = {
+            "start_time": ts,
+            "run_name": run_name,
+            "status": "RUNNING",
+            "end_time": None,
+            "user": tag_map.get(MLFLOW_USER, ""),
+        }
         with self._runs_lock:
             self._runs[record_id] = run
         return self.get_run(record_id)
@@ -708,7 +731,10 @@ class SyncdStore(AbstractStore):
             if group and group_key is not None:
                 write("metrics", {"step": group_key[1], "metrics": group}, ts=group_key[0])
             if tags:
-                write("tags", {"tags": {t.key: str(t.value) for t in tags}})
+                tag_map = {t.key: str(t.value) for t in tags}
+                write("tags", {"tags": tag_map})
+                if MLFLOW_RUN_NAME in tag_map and run.info is not None:
+                    run.info["run_name"] = tag_map[MLFLOW_RUN_NAME]
 
     @staticmethod
     def _without_model_copies(run: _Run, metrics: list[Metric]) -> list[Metric]:
@@ -757,19 +783,32 @@ class SyncdStore(AbstractStore):
         status = run_status if isinstance(run_status, str) else RunStatus.to_string(run_status)
         run = self._run(run_id)
         with run.lock:
-            run.view.refresh()
+            info = run.run_info()
             run.ensure_open()
-            if run_name and run_name != run.view.run_name:
+            if run_name and run_name != info["run_name"]:
                 _validate_batch_log_data([], [], [RunTag(MLFLOW_RUN_NAME, run_name)])  # type: ignore[no-untyped-call]
                 run.writer.write("tags", {"tags": {MLFLOW_RUN_NAME: run_name}})
+                info["run_name"] = run_name
             if status in _FINAL:
                 self._record_artifacts(run)
                 ts = _now_ms() if end_time is None else int(end_time)
                 run.writer.write("run_finished", {"status": status}, ts=ts)
                 run.writer.close(fsync=True)
-            elif status == "RUNNING" and run.view.status in _FINAL:
+                info["status"], info["end_time"] = status, ts
+            elif status == "RUNNING" and info["status"] in _FINAL:
                 run.writer.write("run_resumed", {})
-        return self.get_run(run_id).info
+                info["status"], info["end_time"] = "RUNNING", None
+            return RunInfo(
+                run_id=run_id,
+                experiment_id=run.experiment_id,
+                user_id=info["user"],
+                status=info["status"],
+                start_time=info["start_time"],
+                end_time=info["end_time"],
+                lifecycle_stage=LifecycleStage.ACTIVE,
+                artifact_uri=run.artifact_uri,
+                run_name=info["run_name"],
+            )
 
     def _record_artifacts(self, run: _Run) -> None:
         """An ``artifact`` event for every file MLflow wrote into the run's artifacts folder."""

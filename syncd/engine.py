@@ -15,7 +15,7 @@ import random
 import secrets
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -87,6 +87,7 @@ class Sink(Protocol):
         run: ApplyResult,
         parent_run_id: str | None,
         uploads: list[ResolvedArtifact],
+        model_files: Mapping[str, ResolvedArtifact] | None = None,
     ) -> ApplyResult: ...
 
     def link_parent(self, run_id: str, parent_run_id: str) -> None: ...
@@ -519,6 +520,7 @@ class Engine:
             else:
                 fresh = False
             uploads = self._resolve_uploads(record, plan, record_id, errors)
+            model_files = self._resolve_model_files(record, plan, errors)
             self._renew()  # a full ttl for this chunk's writes; the commit renews again
             try:
                 result = self.sink.apply(
@@ -528,6 +530,7 @@ class Engine:
                     ),
                     parent_run_id=parent_run_id,
                     uploads=uploads,
+                    model_files=model_files,
                 )
             except PermanentSinkError as exc:
                 raise _SinkRefused(str(exc)) from exc
@@ -678,6 +681,27 @@ class Engine:
             if done.get(resolved.key) != resolved.digest:  # the last event for a path wins
                 uploads[resolved.key] = dataclasses.replace(resolved, line=item.line, seq=item.seq)
         return list(uploads.values())
+
+    def _resolve_model_files(
+        self, record: RecordFile, plan: WritePlan, errors: list[RecordError]
+    ) -> dict[str, ResolvedArtifact]:
+        """Each model's folder, confined to the run directory and digested."""
+        files: dict[str, ResolvedArtifact] = {}
+        for model in plan.models:
+            if model.status != "READY":
+                continue
+            try:
+                with self.bounded(f"reading model {model.path}", ARTIFACT_READ_DEADLINE):
+                    resolved = record.resolve_artifact(model.path, None)
+                if not resolved.is_dir:
+                    raise ArtifactRefused(f"model {model.path} is not a folder")
+            except (ArtifactRefused, OSError) as exc:
+                errors.append(
+                    RecordError(str(exc), path=record.display, line=model.line, seq=model.seq)
+                )
+                continue
+            files[model.model_id] = dataclasses.replace(resolved, line=model.line, seq=model.seq)
+        return files
 
     def _link_children(self, parent: RunRow) -> None:
         """Children seen before their parent get ``mlflow.parentRunId`` now."""

@@ -4,6 +4,8 @@ MLflow imports this module on every ``import mlflow`` in an environment where
 syncd is installed (entry-point group ``mlflow.tracking_store``), so it stays
 tiny: the standard library only, and the store (which imports MLflow's
 internals) is imported inside the builder, when a ``syncd:`` URI is used.
+The same holds for the model registry builder (``mlflow.model_registry_store``),
+which MLflow uses for a ``syncd:`` URI when no ``MLFLOW_REGISTRY_URI`` is set.
 """
 
 from __future__ import annotations
@@ -68,3 +70,11 @@ def build_store(store_uri: str, artifact_uri: str | None = None) -> Any:
             _stores[root] = store
             _log.info("syncd: tracking URI %s writes run records under %s", store_uri, root)
         return store
+
+
+def build_registry_store(store_uri: str, tracking_uri: str | None = None) -> Any:
+    """Builder MLflow calls for a ``syncd:`` registry URI (the tracking URI by default)."""
+    from syncd.uri_registry import SyncdRegistryStore
+
+    factory: Any = SyncdRegistryStore  # unserved registry calls are refused there
+    return factory(build_store(store_uri))

@@ -29,6 +29,7 @@ MAX_PARAMS_TAGS_PER_BATCH = 100
 MAX_ENTITIES_PER_BATCH = 1000
 MAX_BATCH_BYTES = 900_000  # MLflow refuses REST batches over 1 MB; keep a margin
 MAX_DATASET_DIGEST_LENGTH = 36
+MODEL_NAME_FORBIDDEN = ("/", ":", ".", "%", '"', "'")  # _validate_logged_model_name
 
 RECORD_ID_TAG = "syncd.record_id"
 SOURCE_TAG = "syncd.source"
@@ -102,12 +103,43 @@ class TextArtifact:
 
 
 @dataclass(frozen=True, slots=True)
+class TagDeletion:
+    """A run tag to delete, after the plan's batches (deleting an absent tag is a no-op)."""
+
+    key: str
+    line: int = 0
+    seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class DatasetInput:
     name: str
     digest: str
     source_type: str
     source: str
     context: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """A logged model of the run: its files (a folder of the run directory) and metadata.
+
+    ``model_id`` is the writer's id; the mirrored LoggedModel is found again by
+    the ``syncd.model_id`` tag, so a replay never makes a second one.
+    """
+
+    model_id: str
+    name: str
+    path: str
+    model_type: str | None
+    params: dict[str, str]
+    tags: dict[str, str]
+    status: str  # READY, FAILED or PENDING
+    step: int
+    registered_model_name: str | None
+    alias: str | None
+    line: int = 0
+    seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,9 +154,11 @@ class WritePlan:
 
     run: RunSpec | None = None
     batches: list[Batch] = field(default_factory=list)
+    deleted_tags: list[TagDeletion] = field(default_factory=list)
     texts: list[TextArtifact] = field(default_factory=list)
     artifacts: list[ArtifactUpload] = field(default_factory=list)
     datasets: list[DatasetInput] = field(default_factory=list)
+    models: list[ModelSpec] = field(default_factory=list)
     status: StatusChange | None = None
     problems: list[RecordError] = field(default_factory=list)
     extensions: list[Event] = field(default_factory=list)
@@ -134,7 +168,15 @@ class WritePlan:
     @property
     def is_empty(self) -> bool:
         return (
-            not (self.run or self.batches or self.texts or self.artifacts or self.datasets)
+            not (
+                self.run
+                or self.batches
+                or self.deleted_tags
+                or self.texts
+                or self.artifacts
+                or self.datasets
+                or self.models
+            )
             and self.status is None
         )
 
@@ -208,6 +250,7 @@ class _Planner:
         self.batch.size_bytes += size
 
     def add_tag(self, entry: Entry) -> None:
+        self._undelete(entry.key)
         size = len(entry.key) + len(entry.value) + 16
         for i, existing in enumerate(self.batch.tags):
             if existing.key == entry.key:  # a later value wins; one key per call
@@ -277,6 +320,24 @@ class _Planner:
         for key, value in self._valid_tags(event, event.fields["tags"]).items():
             self.add_tag(Entry(key, value, event.line, event.seq))
 
+    def tag_deleted(self, event: Event) -> None:
+        """The tag goes, whatever this plan set before; a later set brings it back."""
+        key = event.fields["key"]
+        reason = name_problem("tag", key)
+        if reason is None and key.startswith("syncd."):
+            reason = f"tag {key!r} is syncd's own and cannot be deleted"
+        if reason:
+            self.problem(event, reason)
+            return
+        for batch in [*self.plan.batches, self.batch]:
+            batch.tags = [t for t in batch.tags if t.key != key]
+        self._undelete(key)
+        self.plan.deleted_tags.append(TagDeletion(key, event.line, event.seq))
+
+    def _undelete(self, key: str) -> None:
+        if self.plan.deleted_tags:
+            self.plan.deleted_tags = [d for d in self.plan.deleted_tags if d.key != key]
+
     def _valid_tags(self, event: Event, raw: dict[str, str]) -> dict[str, str]:
         tags: dict[str, str] = {}
         for key, value in raw.items():
@@ -322,6 +383,47 @@ class _Planner:
             )
         )
 
+    def model(self, event: Event) -> None:
+        """A model; a later event for the same ``model_id`` replaces it (the last one wins)."""
+        f = event.fields
+        if any(c in f["name"] for c in MODEL_NAME_FORBIDDEN):
+            self.problem(
+                event,
+                f"model name {f['name']!r} has characters MLflow refuses"
+                f" ({' '.join(MODEL_NAME_FORBIDDEN)}); model not mirrored",
+            )
+            return
+        params: dict[str, str] = {}
+        for key, value in f["params"].items():
+            reason = name_problem("param", key)
+            if reason is None and len(value) > MAX_PARAM_VALUE_LENGTH:
+                reason = f"model param {key!r}: value longer than {MAX_PARAM_VALUE_LENGTH}"
+            if reason:
+                self.problem(event, reason)
+            else:
+                params[key] = value
+        tags = {
+            k: v
+            for k, v in self._valid_tags(event, f["tags"]).items()
+            if not k.startswith("syncd.")
+        }
+        spec = ModelSpec(
+            model_id=f["model_id"],
+            name=f["name"],
+            path=f["path"],
+            model_type=f["model_type"],
+            params=params,
+            tags=tags,
+            status=f["status"],
+            step=f["step"],
+            registered_model_name=f["registered_model_name"],
+            alias=f["alias"],
+            line=event.line,
+            seq=event.seq,
+        )
+        models = [m for m in self.plan.models if m.model_id != spec.model_id]
+        self.plan.models = [*models, spec]
+
     def run_resumed(self, event: Event) -> None:
         self.plan.status = StatusChange("RUNNING", None)
 
@@ -339,6 +441,8 @@ class _Planner:
 
     def finish(self) -> WritePlan:
         self._flush()
+        if self.plan.deleted_tags:  # a batch may have lost every tag to a deletion
+            self.plan.batches = [b for b in self.plan.batches if len(b)]
         return self.plan
 
 

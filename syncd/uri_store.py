@@ -50,6 +50,10 @@ from mlflow.entities import (
     ExperimentTag,
     InputTag,
     LifecycleStage,
+    LoggedModel,
+    LoggedModelParameter,
+    LoggedModelStatus,
+    LoggedModelTag,
     Metric,
     Param,
     Run,
@@ -75,6 +79,7 @@ from mlflow.utils.validation import (
     _validate_batch_log_data,
     _validate_batch_log_limits,
     _validate_experiment_name,
+    _validate_logged_model_name,
 )
 
 from syncd.errors import RecordError
@@ -87,6 +92,8 @@ EXPERIMENTS_FILE = "experiments.json"
 RACE_S = 60.0  # a create this soon after "absent" that finds the name taken joins it
 EXPERIMENTS_LOCK = "experiments.lock"
 ARTIFACTS_FOLDER = "artifacts"
+MODELS_FOLDER = "models"
+MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # set by the daemon's own registration
 CONTEXT_TAG = "mlflow.data.context"
 _FINAL = frozenset({"FINISHED", "FAILED", "KILLED"})
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -103,10 +110,8 @@ _HINTS = {
     "restore_experiment": "restore the experiment in the mirrored tracking store",
     "rename_experiment": "rename the experiment in the mirrored tracking store",
     "delete_experiment_tag": "delete the tag in the mirrored tracking store",
-    "delete_tag": "run records have no tag deletion yet; set the tag to a new value instead",
-    "log_outputs": "logged models are not recorded by the syncd: tracking store yet",
-    "create_logged_model": "logged models are not recorded by the syncd: tracking store yet;"
-    " log the model's files with mlflow.log_artifacts",
+    "search_logged_models": "search the logged models of the mirrored tracking store",
+    "delete_logged_model": "delete the model in the mirrored tracking store",
 }
 
 
@@ -250,6 +255,7 @@ class _RunView:
     history: dict[str, list[Metric]] = field(default_factory=dict)
     latest: dict[str, Metric] = field(default_factory=dict)
     datasets: list[DatasetInput] = field(default_factory=list)
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)  # model_id -> last event
 
     def refresh(self) -> None:
         with open(self.path, "rb") as fh:
@@ -293,12 +299,16 @@ class _RunView:
             self.tags.update(f["tags"])
             if MLFLOW_RUN_NAME in f["tags"]:
                 self.run_name = f["tags"][MLFLOW_RUN_NAME]
+        elif etype == "tag_deleted":
+            self.tags.pop(f["key"], None)
         elif etype == "dataset":
             tags = [InputTag(CONTEXT_TAG, f["context"])] if f["context"] else []
             digest = f["digest"] or ""
             source = json.dumps({"uri": f["source"]})
             dataset = Dataset(f["name"], digest, _source_type(f["source"]), source)
             self.datasets.append(DatasetInput(dataset, tags))
+        elif etype == "model":
+            self.models[f["model_id"]] = {**f, "ts": ts}
         elif etype == "run_resumed":
             self.status, self.end_time = "RUNNING", None
         elif etype == "run_finished":
@@ -322,6 +332,22 @@ class _Run:
         self.view = _RunView(run_dir / RECORD_FILENAME)
         self.lock = threading.RLock()
         self.params: dict[str, str] | None = None  # what was logged, once known
+        self.models: dict[str, _Model] = {}  # models this process logs to the run
+        # start time, name, status, end time and user as this process wrote them: ending
+        # a run answers from these, never by reading back the whole record.
+        self.info: dict[str, Any] | None = None
+
+    def run_info(self) -> dict[str, Any]:
+        if self.info is None:
+            self.view.refresh()
+            self.info = {
+                "start_time": self.view.start_time,
+                "run_name": self.view.run_name,
+                "status": self.view.status,
+                "end_time": self.view.end_time,
+                "user": self.view.tags.get(MLFLOW_USER, ""),
+            }
+        return self.info
 
     @property
     def artifact_uri(self) -> str:
@@ -344,6 +370,83 @@ class _Run:
                 self.view.refresh()
                 self.params = dict(self.view.params)
         return self.params
+
+
+@dataclass
+class _Model:
+    """A LoggedModel of a run: files under ``<run dir>/models/<id>/``, a ``model`` event."""
+
+    model_id: str
+    name: str
+    run_id: str
+    experiment_id: str
+    folder: Path
+    created: int
+    updated: int
+    model_type: str | None = None
+    params: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    status: str = "PENDING"
+    step: int = 0
+    registered_model_name: str | None = None
+    recorded: bool = False  # a model event was written: later changes write another
+
+    @classmethod
+    def from_event(cls, f: dict[str, Any], run: _Run) -> _Model:
+        return cls(
+            model_id=f["model_id"],
+            name=f["name"],
+            run_id=run.record_id,
+            experiment_id=run.experiment_id,
+            folder=run.run_dir / f["path"],
+            created=f["ts"],
+            updated=f["ts"],
+            model_type=f["model_type"],
+            params=dict(f["params"]),
+            tags=dict(f["tags"]),
+            status=f["status"],
+            step=f["step"],
+            registered_model_name=f["registered_model_name"],
+            recorded=True,
+        )
+
+    def entity(self) -> LoggedModel:
+        return LoggedModel(
+            experiment_id=self.experiment_id,
+            model_id=self.model_id,
+            name=self.name,
+            artifact_location=self.folder.as_uri(),
+            creation_timestamp=self.created,
+            last_updated_timestamp=self.updated,
+            model_type=self.model_type,
+            source_run_id=self.run_id,
+            status=LoggedModelStatus(self.status),
+            tags=dict(self.tags),
+            params=dict(self.params),
+        )
+
+    def event_fields(self, run_dir: Path) -> dict[str, Any]:
+        fields: dict[str, Any] = {
+            "model_id": self.model_id,
+            "name": self.name,
+            "path": self.folder.relative_to(run_dir).as_posix(),
+            "flavors": _flavors_of(self.folder),
+            "params": self.params,
+            "tags": self.tags,
+            "status": self.status,
+            "step": self.step,
+        }
+        if self.model_type:
+            fields["model_type"] = self.model_type
+        if self.registered_model_name:
+            fields["registered_model_name"] = self.registered_model_name
+        return fields
+
+
+def _flavors_of(folder: Path) -> list[str]:
+    from syncd.record.recorder import _flavors
+
+    return _flavors(folder)
 
 
 def _refuse(name: str) -> Callable[..., Any]:
@@ -390,6 +493,7 @@ class SyncdStore(AbstractStore):
         self._absent_lock = threading.Lock()
         self._runs: dict[str, _Run] = {}
         self._runs_lock = threading.Lock()
+        self._model_runs: dict[str, str] = {}  # model id -> run id
 
     # -- experiments ---------------------------------------------------------------
 
@@ -463,8 +567,17 @@ class SyncdStore(AbstractStore):
 
     # -- runs ------------------------------------------------------------------------
 
-    # Not on AbstractStore, but MlflowClient.delete_tag calls it.
-    delete_tag = _refuse("delete_tag")
+    def delete_tag(self, run_id: str, key: str) -> None:
+        """A ``tag_deleted`` event; like MLflow's stores, a tag that is not set is an error."""
+        run = self._run(run_id)
+        with run.lock:
+            run.view.refresh()
+            if key not in run.view.tags:
+                raise MlflowException(
+                    f"No tag with name: {key} in run with id {run_id}", RESOURCE_DOES_NOT_EXIST
+                )
+            run.ensure_open()
+            run.writer.write("tag_deleted", {"key": key})
 
     def _run(self, run_id: str) -> _Run:
         with self._runs_lock:
@@ -540,8 +653,16 @@ class SyncdStore(AbstractStore):
         if run.writer.open() is not None:
             run.writer.close(fsync=False)
             raise MlflowException(f"run directory {run_dir} already holds a record", INVALID_STATE)
-        run.writer.write("run_started", fields, ts=_now_ms() if start_time is None else start_time)
+        ts = _now_ms() if start_time is None else start_time
+        run.writer.write("run_started", fields, ts=ts)
         run.params = {}
+        run.info = {
+            "start_time": ts,
+            "run_name": run_name,
+            "status": "RUNNING",
+            "end_time": None,
+            "user": tag_map.get(MLFLOW_USER, ""),
+        }
         with self._runs_lock:
             self._runs[record_id] = run
         return self.get_run(record_id)
@@ -577,6 +698,8 @@ class SyncdStore(AbstractStore):
         metrics, params, tags = _validate_batch_log_data(metrics, params, tags)  # type: ignore[no-untyped-call]
         run = self._run(run_id)
         with run.lock:
+            if any(getattr(m, "model_id", None) for m in metrics):
+                metrics = self._without_model_copies(run, metrics)
             known = run.known_params()
             new_params: dict[str, str] = {}
             for p in params:
@@ -608,7 +731,25 @@ class SyncdStore(AbstractStore):
             if group and group_key is not None:
                 write("metrics", {"step": group_key[1], "metrics": group}, ts=group_key[0])
             if tags:
-                write("tags", {"tags": {t.key: str(t.value) for t in tags}})
+                tag_map = {t.key: str(t.value) for t in tags}
+                write("tags", {"tags": tag_map})
+                if MLFLOW_RUN_NAME in tag_map and run.info is not None:
+                    run.info["run_name"] = tag_map[MLFLOW_RUN_NAME]
+
+    @staticmethod
+    def _without_model_copies(run: _Run, metrics: list[Metric]) -> list[Metric]:
+        """``log_model`` logs the run's points again, linked to the model: not new points."""
+        run.view.refresh()
+        kept = []
+        for m in metrics:
+            if m.model_id:
+                points = run.view.history.get(m.key, [])
+                if any(
+                    (p.timestamp, p.step, p.value) == (m.timestamp, m.step, m.value) for p in points
+                ):
+                    continue
+            kept.append(m)
+        return kept
 
     def log_inputs(
         self,
@@ -642,19 +783,32 @@ class SyncdStore(AbstractStore):
         status = run_status if isinstance(run_status, str) else RunStatus.to_string(run_status)
         run = self._run(run_id)
         with run.lock:
-            run.view.refresh()
+            info = run.run_info()
             run.ensure_open()
-            if run_name and run_name != run.view.run_name:
+            if run_name and run_name != info["run_name"]:
                 _validate_batch_log_data([], [], [RunTag(MLFLOW_RUN_NAME, run_name)])  # type: ignore[no-untyped-call]
                 run.writer.write("tags", {"tags": {MLFLOW_RUN_NAME: run_name}})
+                info["run_name"] = run_name
             if status in _FINAL:
                 self._record_artifacts(run)
                 ts = _now_ms() if end_time is None else int(end_time)
                 run.writer.write("run_finished", {"status": status}, ts=ts)
                 run.writer.close(fsync=True)
-            elif status == "RUNNING" and run.view.status in _FINAL:
+                info["status"], info["end_time"] = status, ts
+            elif status == "RUNNING" and info["status"] in _FINAL:
                 run.writer.write("run_resumed", {})
-        return self.get_run(run_id).info
+                info["status"], info["end_time"] = "RUNNING", None
+            return RunInfo(
+                run_id=run_id,
+                experiment_id=run.experiment_id,
+                user_id=info["user"],
+                status=info["status"],
+                start_time=info["start_time"],
+                end_time=info["end_time"],
+                lifecycle_stage=LifecycleStage.ACTIVE,
+                artifact_uri=run.artifact_uri,
+                run_name=info["run_name"],
+            )
 
     def _record_artifacts(self, run: _Run) -> None:
         """An ``artifact`` event for every file MLflow wrote into the run's artifacts folder."""
@@ -729,6 +883,170 @@ class SyncdStore(AbstractStore):
                 runs.append(self.get_run(record_id))
         runs.sort(key=lambda r: (-r.info.start_time, r.info.run_id))
         return runs[:max_results], None
+
+    # -- logged models (what mlflow.<flavor>.log_model calls) ------------------------
+
+    def create_logged_model(
+        self,
+        experiment_id: str = DEFAULT_EXPERIMENT_ID,
+        name: str | None = None,
+        source_run_id: str | None = None,
+        tags: list[LoggedModelTag] | None = None,
+        params: list[LoggedModelParameter] | None = None,
+        model_type: str | None = None,
+    ) -> LoggedModel:
+        """A PENDING model whose files go to ``<run dir>/models/<id>/``; recorded when final."""
+        if not source_run_id:
+            raise MlflowException(
+                "create_logged_model: the syncd: tracking store records models of runs;"
+                " log the model inside a run (mlflow.start_run())",
+                INVALID_PARAMETER_VALUE,
+            )
+        _validate_logged_model_name(name)
+        run = self._run(source_run_id)
+        if str(experiment_id) != run.experiment_id:
+            raise MlflowException(
+                f"create_logged_model: run {source_run_id} belongs to experiment"
+                f" {run.experiment_id}, not {experiment_id}",
+                INVALID_PARAMETER_VALUE,
+            )
+        model_id = f"m-{uuid.uuid4().hex}"
+        now = _now_ms()
+        model = _Model(
+            model_id=model_id,
+            name=name or _generate_random_name(),  # type: ignore[no-untyped-call]
+            run_id=run.record_id,
+            experiment_id=run.experiment_id,
+            folder=run.run_dir / MODELS_FOLDER / model_id,
+            created=now,
+            updated=now,
+            model_type=model_type,
+            params={p.key: str(p.value) for p in params or []},
+            tags={t.key: str(t.value) for t in tags or []},
+        )
+        model.folder.mkdir(parents=True, exist_ok=True)
+        with run.lock:
+            run.models[model_id] = model
+        with self._runs_lock:
+            self._model_runs[model_id] = run.record_id
+        return model.entity()
+
+    def _model(self, model_id: str) -> tuple[_Run, _Model]:
+        with self._runs_lock:
+            run_id = self._model_runs.get(model_id)
+        if run_id is None:
+            found = self._find_model_run(model_id)
+            if found is None:
+                raise MlflowException(
+                    f"Logged model {model_id!r} not found under the syncd: root {self.root}",
+                    RESOURCE_DOES_NOT_EXIST,
+                )
+            run_id = found
+        run = self._run(run_id)
+        with run.lock:
+            model = run.models.get(model_id)
+            if model is None:
+                run.view.refresh()
+                event = run.view.models.get(model_id)
+                if event is None:
+                    raise MlflowException(
+                        f"Logged model {model_id!r} not found", RESOURCE_DOES_NOT_EXIST
+                    )
+                model = run.models[model_id] = _Model.from_event(event, run)
+        return run, model
+
+    def _find_model_run(self, model_id: str) -> str | None:
+        """The run whose record holds a model event for ``model_id`` (a scan of the root)."""
+        needle = f'"model_id":"{model_id}"'.encode()
+        for path in self.root.glob(f"*/*/{RECORD_FILENAME}"):
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            if needle in data:
+                first = json.loads(data[: data.find(b"\n")])
+                record_id = str(first["record_id"])
+                with self._runs_lock:
+                    self._model_runs[model_id] = record_id
+                return record_id
+        return None
+
+    def _record_model(self, run: _Run, model: _Model) -> None:
+        """Append the model's current state as a ``model`` event (the last one wins)."""
+        run.ensure_open()
+        model.updated = _now_ms()
+        run.writer.write("model", model.event_fields(run.run_dir), ts=model.updated)
+        model.recorded = True
+
+    def get_logged_model(self, model_id: str, allow_deleted: bool = False) -> LoggedModel:
+        run, model = self._model(model_id)
+        with run.lock:
+            return model.entity()
+
+    def log_outputs(self, run_id: str, models: list[Any]) -> None:
+        run = self._run(run_id)
+        for output in models:
+            owner, model = self._model(output.model_id)
+            if owner is not run:
+                raise MlflowException(
+                    f"log_outputs: the syncd: tracking store records a model as an output of"
+                    f" the run that logged it ({owner.record_id}), not of run {run_id}",
+                    INVALID_PARAMETER_VALUE,
+                )
+            with run.lock:
+                model.step = int(output.step or 0)
+                if model.recorded:
+                    self._record_model(run, model)
+
+    def finalize_logged_model(self, model_id: str, status: Any) -> LoggedModel:
+        run, model = self._model(model_id)
+        text = status.value if isinstance(status, LoggedModelStatus) else str(status)
+        if text not in ("READY", "FAILED"):
+            raise MlflowException(
+                f"finalize_logged_model: status must be READY or FAILED, not {text}",
+                INVALID_PARAMETER_VALUE,
+            )
+        with run.lock:
+            model.status = text
+            self._record_model(run, model)
+            return model.entity()
+
+    def set_logged_model_tags(self, model_id: str, tags: list[LoggedModelTag]) -> None:
+        run, model = self._model(model_id)
+        with run.lock:
+            # The mirror's registration sets mlflow.modelVersions with the real version.
+            changes = {t.key: str(t.value) for t in tags if t.key != MODEL_VERSIONS_TAG}
+            if not changes:
+                return
+            model.tags.update(changes)
+            if model.recorded:
+                self._record_model(run, model)
+
+    def delete_logged_model_tag(self, model_id: str, key: str) -> None:
+        run, model = self._model(model_id)
+        with run.lock:
+            if key not in model.tags:
+                raise MlflowException(
+                    f"No tag with key {key!r} found for model with ID {model_id!r}.",
+                    RESOURCE_DOES_NOT_EXIST,
+                )
+            del model.tags[key]
+            if model.recorded:
+                self._record_model(run, model)
+
+    def log_logged_model_params(self, model_id: str, params: list[LoggedModelParameter]) -> None:
+        run, model = self._model(model_id)
+        with run.lock:
+            model.params.update({p.key: str(p.value) for p in params})
+            if model.recorded:
+                self._record_model(run, model)
+
+    def register_model_version(self, model_id: str, registered_model_name: str) -> None:
+        """Ask the daemon to register the model as a version of ``registered_model_name``."""
+        run, model = self._model(model_id)
+        with run.lock:
+            model.registered_model_name = registered_model_name
+            self._record_model(run, model)
 
 
 def _dataset_uri(source: str, source_type: str) -> str:

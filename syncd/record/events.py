@@ -31,15 +31,29 @@ RUN_STARTED = "run_started"
 PARAMS = "params"
 METRICS = "metrics"
 TAGS = "tags"
+TAG_DELETED = "tag_deleted"
 ARTIFACT = "artifact"
 DATASET = "dataset"
+MODEL = "model"
 RUN_RESUMED = "run_resumed"
 RUN_FINISHED = "run_finished"
 EVENT_TYPES = frozenset(
-    {RUN_STARTED, PARAMS, METRICS, TAGS, ARTIFACT, DATASET, RUN_RESUMED, RUN_FINISHED}
+    {
+        RUN_STARTED,
+        PARAMS,
+        METRICS,
+        TAGS,
+        TAG_DELETED,
+        ARTIFACT,
+        DATASET,
+        MODEL,
+        RUN_RESUMED,
+        RUN_FINISHED,
+    }
 )
 EXTENSION_PREFIX = "x-"
 FINAL_STATUSES = frozenset({"FINISHED", "FAILED", "KILLED"})
+MODEL_STATUSES = frozenset({"READY", "FAILED", "PENDING"})
 NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -364,6 +378,13 @@ def _validate_tags(obj: dict[str, Any], problems: list[str]) -> dict[str, Any]:
     return {"tags": _string_tags(_mapping_field(obj, "tags", required=True), problems)}
 
 
+def _validate_tag_deleted(obj: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    key = _str_field(obj, "key", required=True)
+    if not key:
+        raise _FieldError("field 'key' must not be empty")
+    return {"key": key}
+
+
 def _validate_artifact(obj: dict[str, Any], problems: list[str]) -> dict[str, Any]:
     path = _str_field(obj, "path", required=True)
     if not path:
@@ -378,6 +399,49 @@ def _validate_dataset(obj: dict[str, Any], problems: list[str]) -> dict[str, Any
         "source": _str_field(obj, "source", required=True),
         "digest": _str_field(obj, "digest", required=False),
         "context": _str_field(obj, "context", required=False),
+    }
+
+
+def _validate_model(obj: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    model_id = _str_field(obj, "model_id", required=True)
+    assert model_id is not None
+    if not RECORD_ID_PATTERN.match(model_id):
+        raise _FieldError(
+            f"model_id {_clip(model_id, 80)!r} must be 1-128 letters, digits, '_', '.', ':' or '-'"
+        )
+    name = _str_field(obj, "name", required=True)
+    path = _str_field(obj, "path", required=True)
+    if not name or not path:
+        raise _FieldError("fields 'name' and 'path' must not be empty")
+    status = _str_field(obj, "status", required=False) or "READY"
+    if status not in MODEL_STATUSES:
+        raise _FieldError(
+            f"status must be one of READY, FAILED, PENDING, got {_clip(repr(status), 80)}"
+        )
+    step = obj.get("step", 0)
+    if not _is_int(step) or not -MAX_INT64 - 1 <= step <= MAX_INT64:
+        raise _FieldError("field 'step' must be a 64-bit integer")
+    flavors = obj.get("flavors", [])
+    if not isinstance(flavors, list) or not all(isinstance(f, str) for f in flavors):
+        raise _FieldError("field 'flavors' must be an array of strings")
+    params = _validate_params({"params": obj.get("params") or {}}, problems)["params"]
+    registered = _str_field(obj, "registered_model_name", required=False) or None
+    alias = _str_field(obj, "alias", required=False) or None
+    if alias is not None and registered is None:
+        problems.append(f"alias {_clip(alias, 80)!r} without registered_model_name: ignored")
+        alias = None
+    return {
+        "model_id": model_id,
+        "name": name,
+        "path": path,
+        "model_type": _str_field(obj, "model_type", required=False),
+        "flavors": list(flavors),
+        "params": params,
+        "tags": _string_tags(_mapping_field(obj, "tags", required=False), problems),
+        "status": status,
+        "step": step,
+        "registered_model_name": registered,
+        "alias": alias,
     }
 
 
@@ -399,8 +463,10 @@ _VALIDATORS = {
     PARAMS: _validate_params,
     METRICS: _validate_metrics,
     TAGS: _validate_tags,
+    TAG_DELETED: _validate_tag_deleted,
     ARTIFACT: _validate_artifact,
     DATASET: _validate_dataset,
+    MODEL: _validate_model,
     RUN_RESUMED: _validate_run_resumed,
     RUN_FINISHED: _validate_run_finished,
 }

@@ -236,9 +236,58 @@ class RunRecorder:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self._append("tags", {"tags": {k: str(v) for k, v in tags.items()}})
 
+    def delete_tag(self, key: str) -> None:
+        """Delete a run tag (deleting a tag that is not set is not an error)."""
+        self._append("tag_deleted", {"key": key})
+
     def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
         """Record a file or folder inside the run directory as an artifact."""
         self._append("artifact", self._artifact_fields(path, artifact_path))
+
+    def log_model(
+        self,
+        path: str | os.PathLike[str],
+        name: str,
+        registered_model_name: str | None = None,
+        alias: str | None = None,
+        *,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, Any] | None = None,
+        model_type: str | None = None,
+    ) -> str:
+        """Record a model folder of the run directory (e.g. one ``mlflow.<flavor>.save_model``
+        wrote) as a logged model; its id.
+
+        The daemon mirrors it as an MLflow LoggedModel of the run with these files and, when
+        ``registered_model_name`` is given, registers a model version of it (and sets
+        ``alias`` on that version).
+        """
+        fields = self._artifact_fields(path, None)
+        folder = self.run_dir / fields["path"]
+        if not folder.is_dir():
+            raise NotADirectoryError(f"model {path} must be a folder of the run directory")
+        model_id = f"m-{uuid.uuid4().hex}"
+        event: dict[str, Any] = {
+            "model_id": model_id,
+            "name": name,
+            "path": fields["path"],
+            "flavors": _flavors(folder),
+            "status": "READY",
+        }
+        if model_type is not None:
+            event["model_type"] = model_type
+        if params:
+            event["params"] = {k: str(v) for k, v in params.items()}
+        if tags:
+            event["tags"] = {k: str(v) for k, v in tags.items()}
+        if registered_model_name is not None:
+            event["registered_model_name"] = registered_model_name
+        if alias is not None:
+            if registered_model_name is None:
+                raise ValueError("an alias needs a registered_model_name")
+            event["alias"] = alias
+        self._append("model", event)
+        return model_id
 
     def log_input(
         self,
@@ -325,6 +374,32 @@ def _read_existing(fd: int, path: Path) -> tuple[str, int] | None:
             last_seq = seq
             break
     return str(first["record_id"]), last_seq + 1
+
+
+def _flavors(folder: Path) -> list[str]:
+    """The flavor names of an MLflow model folder's ``MLmodel`` file ([] without one).
+
+    The keys directly under ``flavors:``, read line by line (no YAML parser here).
+    """
+    try:
+        text = (folder / "MLmodel").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return []
+    flavors: list[str] = []
+    inside, indent = False, -1
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        depth = len(line) - len(line.lstrip(" "))
+        if depth == 0:
+            inside = stripped == "flavors:"
+            indent = -1
+            continue
+        if inside and stripped.endswith(":") and indent in (-1, depth):
+            indent = depth
+            flavors.append(stripped[:-1])
+    return flavors
 
 
 def _user() -> str:

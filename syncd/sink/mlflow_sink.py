@@ -17,6 +17,7 @@ four parts with one job each:
 from __future__ import annotations
 
 import gc
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,7 +65,7 @@ class MlflowSink:
             lock=lock,
         )
         self.runs = Runs(self.calls, self.artifact_root)
-        self.writes = Writes(self.calls)
+        self.writes = Writes(self.calls, tracking_uri)
         self._heap_frozen = False
         if self.artifact_root:
             log.info("artifact_root", path=self.artifact_root)
@@ -123,13 +124,14 @@ class MlflowSink:
         run: ApplyResult,
         parent_run_id: str | None,
         uploads: list[ResolvedArtifact],
+        model_files: Mapping[str, ResolvedArtifact] | None = None,
     ) -> ApplyResult:
         """Apply a plan to the record's run; entries MLflow refuses are reported."""
         result = ApplyResult(
             run_id=run.run_id, experiment_id=run.experiment_id, created=run.created
         )
         with self.calls.serialised():
-            self.writes.write(plan, result, parent_run_id, uploads)
+            self.writes.write(plan, result, parent_run_id, uploads, model_files)
         if not self._heap_frozen:
             # MLflow, SQLAlchemy and their stores are loaded now and live as long as the
             # process. Moving them out of the cyclic GC's reach keeps its full

@@ -3,7 +3,7 @@ datasets, status."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
@@ -21,6 +21,7 @@ from syncd.projection import (
     WritePlan,
 )
 from syncd.sink.calls import Calls
+from syncd.sink.models import Models
 from syncd.sink.results import ApplyResult
 
 log = structlog.get_logger("syncd.sink")
@@ -40,8 +41,9 @@ def _size_of(path: Path) -> int:
 class Writes:
     """Applies the writes of a plan to a known run."""
 
-    def __init__(self, calls: Calls) -> None:
+    def __init__(self, calls: Calls, tracking_uri: str) -> None:
         self.calls = calls
+        self.models = Models(calls, tracking_uri)
 
     def write(
         self,
@@ -49,6 +51,7 @@ class Writes:
         result: ApplyResult,
         parent_run_id: str | None,
         uploads: list[ResolvedArtifact],
+        model_files: Mapping[str, ResolvedArtifact] | None = None,
     ) -> None:
         run_id = result.run_id
         batches = list(plan.batches)
@@ -64,6 +67,8 @@ class Writes:
             ]
         for batch in batches:
             self._log_batch(run_id, batch, result)
+        for deletion in plan.deleted_tags:
+            self._delete_tag(run_id, deletion.key)
         for text in plan.texts:
             self.calls.call(
                 "log_text", self.calls.client.log_text, run_id, text.text, text.artifact_file
@@ -72,6 +77,10 @@ class Writes:
             self._upload(run_id, upload, result)
         if plan.datasets:
             self._log_datasets(run_id, plan)
+        record_id = plan.run.record_id if plan.run else None
+        for model in plan.models:
+            files = (model_files or {}).get(model.model_id)
+            self.models.write(model, result, record_id, files)
         if plan.status is not None:
             if plan.status.status == "RUNNING":
                 self.calls.call(
@@ -115,6 +124,22 @@ class Writes:
             self._try_entry(result, param.line, param.seq, partial(call, [], [param], []))
         for tag in batch.tags:
             self._try_entry(result, tag.line, tag.seq, partial(call, [], [], [tag]))
+
+    def _delete_tag(self, run_id: str, key: str) -> None:
+        """Delete a run tag; a tag already absent (a replay, or never set) is fine."""
+        from mlflow.exceptions import MlflowException
+
+        client = self.calls.client
+
+        def delete() -> None:
+            try:
+                client.delete_tag(run_id, key)
+            except MlflowException as exc:
+                absent = "no tag with name" in str(exc).lower()
+                if exc.error_code != "RESOURCE_DOES_NOT_EXIST" or not absent:
+                    raise
+
+        self.calls.call("delete_tag", delete)
 
     def _try_entry(self, result: ApplyResult, line: int, seq: int, fn: Callable[[], None]) -> None:
         try:

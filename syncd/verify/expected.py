@@ -158,6 +158,8 @@ class Expected:
                     accepted.add(param.key)
             for tag in batch.tags:
                 self.tags[tag.key] = tag.value  # a later value wins
+        for deletion in plan.deleted_tags:  # applied after the batches
+            self.tags.pop(deletion.key, None)
         for text in plan.texts:
             key = text.artifact_file[len(LONG_PARAM_FOLDER) + 1 : -len(".txt")]
             if key in accepted:

@@ -204,3 +204,42 @@ def test_eight_processes_log_through_one_root_at_once(
         assert [(m.step, m.value) for m in history] == [(s, worker + s / 100) for s in range(100)]
         assert len(client.get_metric_history(run.info.run_id, "step_sq")) == 100
         assert run.info.status == "FINISHED"
+
+
+def test_tag_deletions_are_mirrored_and_replay_safely(
+    workdir: Path, stores: tuple[str, str]
+) -> None:
+    """delete_tag through syncd:, then backfill twice into SQLite; verify agrees."""
+    from typer.testing import CliRunner
+
+    from syncd.cli import app
+
+    _, mirrored_uri = stores
+    root = workdir / "runs"
+    through = MlflowClient(tracking_uri=f"syncd://{root}")
+    run_id = through.create_run("0", tags={"stage": "train", "team": "ml"}).info.run_id
+    through.set_tag(run_id, "tmp", "x")
+    through.delete_tag(run_id, "tmp")
+    through.delete_tag(run_id, "stage")
+    through.set_tag(run_id, "stage", "eval")  # set again after its deletion
+    through.delete_tag(run_id, "team")
+    through.set_terminated(run_id)
+
+    summary = run_backfill(root, mirrored_uri, workdir / ".syncd")
+    assert (summary.records, summary.with_errors) == (1, 0), summary.errors
+    mirror = MlflowClient(mirrored_uri)
+    (run,) = mirror.search_runs(["0"])
+    expected = {"stage": "eval"}
+    assert {k: v for k, v in run.data.tags.items() if k in ("stage", "team", "tmp")} == expected
+
+    # a replay from the start deletes tags that are already gone: no error, same tags
+    summary = run_backfill(root, mirrored_uri, workdir / ".syncd-again")
+    assert summary.with_errors == 0, summary.errors
+    (again,) = mirror.search_runs(["0"])
+    assert again.info.run_id == run.info.run_id and again.data.tags == run.data.tags
+
+    result = CliRunner().invoke(
+        app, ["verify", str(root), "--tracking-uri", mirrored_uri, "--json"]
+    )
+    assert result.exit_code == 0, result.stdout + result.stderr
+    assert json.loads(result.stdout)["clean"] == 1

@@ -7,6 +7,7 @@ faults can be injected at any call; integration tests use real MLflow stores.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,7 @@ class FakeSink:
         run: ApplyResult,
         parent_run_id: str | None,
         uploads: list[ResolvedArtifact],
+        model_files: Mapping[str, ResolvedArtifact] | None = None,
     ) -> ApplyResult:
         self._fault("apply")
         stored = self.runs[run.run_id]

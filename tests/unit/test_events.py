@@ -131,6 +131,51 @@ def test_tags_event() -> None:
     assert event.problems == []
 
 
+def test_tag_deleted_event() -> None:
+    assert parse(raw(type="tag_deleted", key="stage")).fields == {"key": "stage"}
+    assert "'key'" in parse_error(raw(type="tag_deleted")).reason
+    assert "'key'" in parse_error(raw(type="tag_deleted", key="")).reason
+
+
+def test_model_event_with_defaults() -> None:
+    event = parse(raw(type="model", model_id="m-1", name="clf", path="models/m-1"))
+    assert event.fields == {
+        "model_id": "m-1",
+        "name": "clf",
+        "path": "models/m-1",
+        "model_type": None,
+        "flavors": [],
+        "params": {},
+        "tags": {},
+        "status": "READY",
+        "step": 0,
+        "registered_model_name": None,
+        "alias": None,
+    }
+
+
+def test_model_event_alias_without_a_registered_name_is_dropped_with_a_problem() -> None:
+    event = parse(
+        raw(type="model", model_id="m-1", name="clf", path="m", alias="prod", params={"lr": 0.1})
+    )
+    assert event.fields["alias"] is None and event.fields["params"] == {"lr": "0.1"}
+    assert ["alias" in p for p in event.problems] == [True]
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"name": "clf", "path": "m"}, "'model_id'"),
+        ({"model_id": "m 1", "name": "clf", "path": "m"}, "model_id"),
+        ({"model_id": "m-1", "name": "", "path": "m"}, "must not be empty"),
+        ({"model_id": "m-1", "name": "clf", "path": "m", "status": "DONE"}, "status"),
+        ({"model_id": "m-1", "name": "clf", "path": "m", "flavors": "sklearn"}, "flavors"),
+    ],
+)
+def test_bad_model_events_are_errors(fields: dict[str, Any], reason: str) -> None:
+    assert reason in parse_error(raw(type="model", **fields)).reason
+
+
 def test_artifact_event_with_and_without_artifact_path() -> None:
     event = parse(raw(type="artifact", path="reports/confusion.png", artifact_path="reports"))
     assert event.fields == {"path": "reports/confusion.png", "artifact_path": "reports"}

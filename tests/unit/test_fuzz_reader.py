@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -181,6 +182,7 @@ class FakeSink:
         run: ApplyResult,
         parent_run_id: str | None,
         uploads: list[ResolvedArtifact],
+        model_files: Mapping[str, ResolvedArtifact] | None = None,
     ) -> ApplyResult:
         for batch in plan.batches:
             self.points += [(p.line, p.key) for p in batch.metrics]

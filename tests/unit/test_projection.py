@@ -262,6 +262,68 @@ def test_tag_set_twice_across_batches_later_value_wins() -> None:
     assert all(len(b.tags) <= MAX_PARAMS_TAGS_PER_BATCH for b in p.batches)
 
 
+def deleted(p: WritePlan) -> list[str]:
+    return [d.key for d in p.deleted_tags]
+
+
+def test_tag_deleted_after_being_set_is_only_deleted() -> None:
+    p = plan(
+        event(1, "tags", tags={"stage": "train", "team": "ml"}),
+        event(2, "tags", tags={f"t{i}": "x" for i in range(150)}),
+        event(3, "tag_deleted", key="stage"),
+    )
+    assert "stage" not in final_tags(p) and final_tags(p)["team"] == "ml"
+    assert deleted(p) == ["stage"]
+    assert p.problems == []
+
+
+def test_tag_set_after_its_deletion_is_set_again() -> None:
+    p = plan(
+        event(1, "tag_deleted", key="stage"),
+        event(2, "tags", tags={"stage": "eval"}),
+    )
+    assert final_tags(p) == {"stage": "eval"} and deleted(p) == []
+
+
+def test_a_batch_left_empty_by_a_deletion_is_dropped() -> None:
+    p = plan(event(1, "tags", tags={"stage": "train"}), event(2, "tag_deleted", key="stage"))
+    assert p.batches == [] and deleted(p) == ["stage"] and not p.is_empty
+
+
+def test_deleting_syncd_tags_or_invalid_names_is_a_problem() -> None:
+    p = plan(event(1, "tag_deleted", key=RECORD_ID_TAG), event(2, "tag_deleted", key="bad key!"))
+    assert deleted(p) == []
+    assert [(line, seq) for line, seq, _ in problem_view(p)] == [(2, 1), (3, 2)]
+    assert "syncd's own" in p.problems[0].reason
+
+
+# -- models ---------------------------------------------------------------------------------
+
+
+def model_event(seq: int, **fields: Any) -> Event:
+    base = {"model_id": "m-1", "name": "clf", "path": "models/m-1"}
+    return event(seq, "model", **{**base, **fields})
+
+
+def test_a_later_model_event_for_the_same_model_replaces_it() -> None:
+    p = plan(
+        model_event(1, tags={"a": "1", "syncd.model_id": "forged"}, params={"lr": 0.1}),
+        model_event(2, model_id="m-2", name="other"),
+        model_event(3, tags={"a": "2"}, registered_model_name="ranker", alias="prod"),
+    )
+    assert [(m.model_id, m.seq) for m in p.models] == [("m-2", 2), ("m-1", 3)]
+    last = p.models[1]
+    assert last.tags == {"a": "2"} and last.params == {}
+    assert (last.registered_model_name, last.alias, last.status) == ("ranker", "prod", "READY")
+    assert not p.is_empty and p.problems == []
+
+
+def test_model_name_mlflow_refuses_is_a_problem() -> None:
+    p = plan(model_event(1, name="my.model"), model_event(2, tags={"bad tag!": "x"}))
+    assert [m.seq for m in p.models] == [2] and p.models[0].tags == {}
+    assert [(line, seq) for line, seq, _ in problem_view(p)] == [(2, 1), (3, 2)]
+
+
 def test_tag_value_over_the_limit_is_truncated_with_a_problem() -> None:
     p = plan(event(1, "tags", tags={"notes": "z" * 9000}))
     assert len(final_tags(p)["notes"]) == 8000

@@ -383,3 +383,47 @@ def test_importing_and_using_syncd_does_not_import_mlflow(tmp_path: Path) -> Non
     )
     assert out.stdout.split() == ["False", "False", "False"]
     assert len(events_of(tmp_path / "run_record.jsonl")) == 5
+
+
+def test_delete_tag_appends_a_tag_deleted_event(tmp_path: Path) -> None:
+    with RunRecorder(tmp_path / "run", experiment="e") as rec:
+        rec.set_tag("stage", "train")
+        rec.delete_tag("stage")
+    events = events_of(rec.path)
+    assert [(e.type, e.fields) for e in events[1:3]] == [
+        ("tags", {"tags": {"stage": "train"}}),
+        ("tag_deleted", {"key": "stage"}),
+    ]
+
+
+MLMODEL = """artifact_path: model
+flavors:
+  python_function:
+    env:
+      conda: conda.yaml
+    loader_module: mlflow.sklearn
+  sklearn:
+    code: null
+    pickled_model: model.pkl
+model_id: null
+"""
+
+
+def test_log_model_records_the_folder_and_its_flavors(tmp_path: Path) -> None:
+    with RunRecorder(tmp_path / "run", experiment="e") as rec:
+        (rec.run_dir / "model").mkdir()
+        (rec.run_dir / "model" / "MLmodel").write_text(MLMODEL)
+        model_id = rec.log_model(
+            rec.run_dir / "model", "clf", registered_model_name="ranker", alias="prod"
+        )
+        with pytest.raises(ValueError, match="needs a registered_model_name"):
+            rec.log_model("model", "clf", alias="prod")
+        with pytest.raises(ValueError, match="outside the run directory"):
+            rec.log_model(tmp_path, "clf")
+        with pytest.raises(FileNotFoundError):
+            rec.log_model("missing", "clf")
+    (event,) = [e for e in events_of(rec.path) if e.type == "model"]
+    assert event.fields["model_id"] == model_id and model_id.startswith("m-")
+    assert event.fields["path"] == "model"
+    assert event.fields["flavors"] == ["python_function", "sklearn"]
+    assert (event.fields["registered_model_name"], event.fields["alias"]) == ("ranker", "prod")

@@ -230,16 +230,75 @@ def test_every_abstract_store_method_is_served_or_refused(root: Path) -> None:
             refused.append(name)
         else:
             implemented.append(name)
-    for name in ("create_run", "log_batch", "get_run", "update_run_info", "log_inputs"):
+    for name in (
+        "create_run",
+        "log_batch",
+        "get_run",
+        "update_run_info",
+        "log_inputs",
+        "create_logged_model",
+        "log_outputs",
+        "get_logged_model",
+        "finalize_logged_model",
+        "set_logged_model_tags",
+        "get_metric_history",
+    ):
         assert name in implemented
-    for name in ("delete_run", "start_trace", "create_logged_model"):
+    for name in ("delete_run", "start_trace", "search_logged_models"):
         assert name in refused
 
 
-def test_delete_tag_fails_clearly(client: MlflowClient) -> None:
-    run_id = client.create_run("0", tags={"k": "v"}).info.run_id
-    with pytest.raises(MlflowException, match="delete_tag is not supported"):
-        client.delete_tag(run_id, "k")
+def test_delete_tag_records_a_tag_deletion(client: MlflowClient, root: Path) -> None:
+    run_id = client.create_run("0", tags={"k": "v", "keep": "1"}).info.run_id
+    client.delete_tag(run_id, "k")
+    tags = client.get_run(run_id).data.tags
+    assert "k" not in tags and tags["keep"] == "1"
+    with pytest.raises(MlflowException, match="No tag with name: k"):
+        client.delete_tag(run_id, "k")  # as MLflow's own stores answer
+    events = events_of(record_of(root, run_id))
+    assert [(e.type, e.fields) for e in events if e.type == "tag_deleted"] == [
+        ("tag_deleted", {"key": "k"})
+    ]
+
+
+def test_registry_calls_made_directly_fail_saying_what_to_use(client: MlflowClient) -> None:
+    import mlflow
+
+    run_id = client.create_run("0").info.run_id
+    model = client.create_logged_model("0", name="clf", source_run_id=run_id)
+    client.finalize_logged_model(model.model_id, "READY")
+    for call in (
+        lambda: mlflow.register_model(f"models:/{model.model_id}", "ranker"),
+        lambda: client.create_registered_model("ranker"),
+        lambda: client.set_registered_model_alias("ranker", "prod", "1"),
+    ):
+        with pytest.raises(MlflowException, match=r"registered_model_name.*MLFLOW_REGISTRY_URI"):
+            previous = mlflow.get_tracking_uri()
+            mlflow.set_tracking_uri(client.tracking_uri)
+            try:
+                call()
+            finally:
+                mlflow.set_tracking_uri(previous)
+
+
+def test_logged_models_are_read_back_from_the_records(client: MlflowClient, root: Path) -> None:
+    from mlflow.entities import LoggedModelTag
+
+    run_id = client.create_run("0").info.run_id
+    with pytest.raises(MlflowException, match="inside a run"):
+        client.create_logged_model("0", name="clf")
+    model = client.create_logged_model("0", name="clf", source_run_id=run_id, model_type="x")
+    assert model.artifact_location.startswith(record_of(root, run_id).parent.as_uri())
+    client.finalize_logged_model(model.model_id, "READY")
+    SyncdStore.set_logged_model_tags(
+        _get_store(client.tracking_uri), model.model_id, [LoggedModelTag("stage", "eval")]
+    )
+    fresh = SyncdStore(root)  # another process: only the records to go by
+    found = fresh.get_logged_model(model.model_id)
+    assert (found.name, found.status.value, found.model_type) == ("clf", "READY", "x")
+    assert found.tags == {"stage": "eval"} and found.source_run_id == run_id
+    models = [e for e in events_of(record_of(root, run_id)) if e.type == "model"]
+    assert [e.fields["tags"] for e in models] == [{}, {"stage": "eval"}]
 
 
 def test_async_logging_through_the_fluent_api_loses_nothing(

@@ -191,9 +191,9 @@ def load_mapping(path: Path) -> Mapping:
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "(top)"
+            where = ".".join(str(p) for p in err["loc"])
             message = str(err["msg"]).removeprefix("Value error, ")
-            problems.append(f"{where}: {message}")
+            problems.append(f"{where}: {message}" if where else message)
         raise ConfigError(f"mapping {path}: " + "; ".join(problems)) from None
 
 

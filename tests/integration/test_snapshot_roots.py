@@ -353,3 +353,35 @@ def test_daemon_picks_up_a_changed_snapshot(workdir: Path, tracking_uri: str, cl
         wait_for(updated, 60, 0.2, "the change mirrored")
     finally:
         assert daemon.stop(signal.SIGTERM) == 0, daemon.logs()
+
+
+def test_stage_directory_on_an_s3_root(
+    workdir: Path, tracking_uri: str, client: Any, bucket: Any
+) -> None:
+    for path in sorted(STAGE.rglob("*")):
+        if path.is_file():
+            bucket.put(f"stages/fit/{path.relative_to(STAGE).as_posix()}", path.read_bytes())
+    summary = sync(bucket.uri("stages"), MAPPINGS / "stage_dir.yaml", tracking_uri, workdir)
+    assert summary.clean and summary.synced == 1, summary.errors
+    run = only_run(client, "seasonal_forecast")
+    assert run.data.params["fit/random_seed"] == "1234"
+    assert run.data.tags["run_dir"] == bucket.uri("stages/fit")
+    assert run.data.tags["syncd.source"] == bucket.uri("stages/fit/metadata.yaml")
+    assert artifact_files(client, run.info.run_id) == [
+        "config_resolved.yaml",
+        "datasets/era5_t2m/spec.json",
+        "datasets/train_index.csv",
+        "metadata.yaml",
+        "reports/folds/0/skill_map.png",
+        "reports/folds/1/skill_map.png",
+    ]
+    assert download(client, run.info.run_id, "metadata.yaml", workdir / "dl") == (
+        (STAGE / "metadata.yaml").read_bytes()
+    )
+    # Rewritten in place on S3: the new tag value is mirrored into the same run.
+    meta = yaml.safe_load((STAGE / "metadata.yaml").read_text())
+    meta["git_dirty"] = True
+    bucket.put("stages/fit/metadata.yaml", yaml.safe_dump(meta))
+    assert sync(bucket.uri("stages"), MAPPINGS / "stage_dir.yaml", tracking_uri, workdir).clean
+    run = only_run(client, "seasonal_forecast")
+    assert run.data.tags["git_dirty"] == "true"

@@ -287,10 +287,11 @@ def _validate_run_started(obj: dict[str, Any], problems: list[str]) -> dict[str,
         raise _FieldError(
             f"mlflow_run_id {_clip(mlflow_run_id, 80)!r} must be 1-64 letters or digits"
         )
+    fields: dict[str, Any] = {"mlflow_run_id": mlflow_run_id} if mlflow_run_id else {}
     return {
+        **fields,
         "record_id": record_id,
         "experiment": experiment,
-        "mlflow_run_id": mlflow_run_id,
         "run_name": _str_field(obj, "run_name", required=False),
         "tags": _string_tags(_mapping_field(obj, "tags", required=False), problems),
         "parent_record_id": parent,

@@ -47,8 +47,8 @@ class RunDir(Protocol):
 
     def display_of(self, rel: str) -> str: ...
 
-    def read(self, rel: str) -> bytes | None:
-        """The file's bytes; None when it does not exist."""
+    def read(self, rel: str, offset: int = 0) -> bytes | None:
+        """The file's bytes from ``offset``; None when it does not exist."""
         ...
 
     def listing(self) -> dict[str, tuple[int, int]]:
@@ -56,6 +56,39 @@ class RunDir(Protocol):
         ...
 
     def resolve_artifact(self, path: str, artifact_path: str | None) -> ResolvedArtifact: ...
+
+
+class Translator(Protocol):
+    """Turns a run directory and the last applied state into the next batch of events."""
+
+    @property
+    def primary(self) -> str:
+        """The file (relative path) whose presence makes a folder a run directory."""
+        ...
+
+    def translate(
+        self, run_dir: RunDir, state: dict[str, Any] | None, default_record_id: str
+    ) -> Translation: ...
+
+
+class SnapshotTranslator:
+    """A mapping applied to a run directory's snapshot files."""
+
+    def __init__(self, mapping: Mapping) -> None:
+        self.mapping = mapping
+
+    @property
+    def primary(self) -> str:
+        return self.mapping.primary
+
+    def translate(
+        self, run_dir: RunDir, state: dict[str, Any] | None, default_record_id: str
+    ) -> Translation:
+        snap = read_snapshot(run_dir, self.mapping)
+        result = translate(self.mapping, state, snap, default_record_id=default_record_id)
+        primary = snap.files.get(self.mapping.primary)
+        result.start_ms = primary[1] // 1_000_000 if primary else None
+        return result
 
 
 class LocalRunDir:
@@ -72,9 +105,11 @@ class LocalRunDir:
     def display_of(self, rel: str) -> str:
         return str(self.path / rel)
 
-    def read(self, rel: str) -> bytes | None:
+    def read(self, rel: str, offset: int = 0) -> bytes | None:
         try:
-            return (self.path / rel).read_bytes()
+            with (self.path / rel).open("rb") as fh:
+                fh.seek(offset)
+                return fh.read()
         except FileNotFoundError:
             return None
 
@@ -116,11 +151,12 @@ class S3RunDir:
     def display_of(self, rel: str) -> str:
         return self.uri_of(rel)
 
-    def read(self, rel: str) -> bytes | None:
+    def read(self, rel: str, offset: int = 0) -> bytes | None:
         from syncd.sources.s3 import S3SourceError, _not_found, describe_error
 
+        extra = {"Range": f"bytes={offset}-"} if offset else {}
         try:
-            body = self.client.get_object(Bucket=self.bucket, Key=self._key(rel))["Body"]
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(rel), **extra)["Body"]
             return bytes(body.read())
         except Exception as exc:
             if _not_found(exc):
@@ -206,11 +242,11 @@ def encode_events(events: list[dict[str, Any]], first_seq: int, ts: int) -> byte
     return "".join(out).encode()
 
 
-def batch_of(translation: Translation, start_ms: int | None) -> list[dict[str, Any]]:
+def batch_of(translation: Translation) -> list[dict[str, Any]]:
     """The lines one refresh appends: events, problems, then the new snapshot state."""
     events = [dict(e) for e in translation.events]
-    if events and events[0]["type"] == "run_started" and start_ms is not None:
-        events[0]["ts"] = start_ms
+    if events and events[0]["type"] == "run_started" and translation.start_ms is not None:
+        events[0].setdefault("ts", translation.start_ms)
     events.extend(p.as_event() for p in translation.new_problems)
     events.append({"type": SNAPSHOT_EVENT, "state": translation.state})
     return events
@@ -227,15 +263,17 @@ class DerivedRecord:
     def __init__(
         self,
         run_dir: RunDir,
-        mapping: Mapping,
+        translator: Translator | Mapping,
         state_dir: Path | None,
         *,
         read_only: bool = False,
     ) -> None:
         self.run_dir = run_dir
         self.read_only = read_only  # verify: read what was derived, derive nothing
-        self.mapping = mapping
-        self._uri = run_dir.uri_of(mapping.primary)
+        self.translator: Translator = (
+            SnapshotTranslator(translator) if isinstance(translator, Mapping) else translator
+        )
+        self._uri = run_dir.uri_of(self.translator.primary)
         self.folder = (
             state_dir / DERIVED_FOLDER / hashlib.sha256(self._uri.encode()).hexdigest()[:32]
             if state_dir is not None
@@ -251,7 +289,7 @@ class DerivedRecord:
 
     @property
     def display(self) -> str:
-        return self.run_dir.display_of(self.mapping.primary)
+        return self.run_dir.display_of(self.translator.primary)
 
     @property
     def path(self) -> Path | None:
@@ -291,16 +329,13 @@ class DerivedRecord:
             keep, seq, state = _lines_state(content)
             if keep != len(content):
                 self._cut(keep, len(content))
-            snap = read_snapshot(self.run_dir, self.mapping)
-            translation = translate(
-                self.mapping, state, snap, default_record_id=default_record_id(self._uri)
+            translation = self.translator.translate(
+                self.run_dir, state, default_record_id(self._uri)
             )
             self.last = translation
             if state is not None and not translation.events and not translation.new_problems:
                 return None
-            primary = snap.files.get(self.mapping.primary)
-            start_ms = primary[1] // 1_000_000 if primary else None
-            data = encode_events(batch_of(translation, start_ms), seq + 1, int(time.time() * 1000))
+            data = encode_events(batch_of(translation), seq + 1, int(time.time() * 1000))
             self._append(data)
             return translation
 
@@ -354,4 +389,12 @@ class DerivedRecord:
             os.close(fd)
 
 
-__all__ = ["DerivedRecord", "LocalRunDir", "RunDir", "S3RunDir", "read_snapshot"]
+__all__ = [
+    "DerivedRecord",
+    "LocalRunDir",
+    "RunDir",
+    "S3RunDir",
+    "SnapshotTranslator",
+    "Translator",
+    "read_snapshot",
+]

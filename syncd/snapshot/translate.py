@@ -69,6 +69,7 @@ class Translation:
     state: dict[str, Any] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)  # every problem seen now
     new_problems: list[Problem] = field(default_factory=list)  # not reported before
+    start_ms: int | None = None  # the run's start time, when the sources tell it
 
 
 class _Missing:

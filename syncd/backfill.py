@@ -32,7 +32,14 @@ from syncd.ledger import (
 )
 from syncd.logging import redact_text
 from syncd.sink import MlflowSink, RetryPolicy
-from syncd.snapshot.derived import DerivedRecord, LocalRunDir, S3RunDir
+from syncd.snapshot.derived import (
+    DerivedRecord,
+    LocalRunDir,
+    S3RunDir,
+    SnapshotTranslator,
+    Translator,
+)
+from syncd.snapshot.dvclive import DvcliveTranslator
 from syncd.snapshot.mapping import Mapping, cached_mapping
 from syncd.sources import RecordFile
 from syncd.sources.local import LocalRecord, find_records, path_from_uri
@@ -242,13 +249,19 @@ def root_mapping(root: Root) -> Mapping:
     return cached_mapping(Path(root.mapping))
 
 
+def root_translator(root: Root) -> Translator:
+    if root.format == "dvclive":
+        return DvcliveTranslator(root.experiment or "dvclive")
+    return SnapshotTranslator(root_mapping(root))
+
+
 def record_at(
     root: Root, path: Path, state_dir: Path | None, *, read_only: bool = False
 ) -> LocalRecord | DerivedRecord:
     """The record a discovered local file stands for under ``root``."""
-    if root.format == "snapshot":
+    if root.derived:
         return DerivedRecord(
-            LocalRunDir(path.parent), root_mapping(root), state_dir, read_only=read_only
+            LocalRunDir(path.parent), root_translator(root), state_dir, read_only=read_only
         )
     return LocalRecord(path)
 

@@ -55,7 +55,8 @@ FormatOpt = Annotated[
     str | None,
     typer.Option(
         "--format",
-        help="What the roots hold: records (v1 run records) or snapshot (needs --mapping).",
+        help="What the roots hold: records (v1 run records), snapshot (needs --mapping)"
+        " or dvclive (DVCLive output folders).",
         show_default=False,
     ),
 ]

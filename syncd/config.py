@@ -151,9 +151,12 @@ class Root(_Section):
     # else AWS) and the bucket's region (default: the standard AWS configuration)
     endpoint_url: str | None = None
     region: str | None = None
-    # "records" (v1 run records) or "snapshot": run directories whose files a mapping
-    # (``mapping``, a YAML file) turns into events (docs/formats.md)
-    format: Annotated[Literal["records", "snapshot"], BeforeValidator(_lower)] = "records"
+    # "records" (v1 run records), "snapshot" (run directories whose files a mapping,
+    # ``mapping``, a YAML file, turns into events) or "dvclive" (DVCLive output folders);
+    # see docs/formats.md
+    format: Annotated[Literal["records", "snapshot", "dvclive"], BeforeValidator(_lower)] = (
+        "records"
+    )
     mapping: str | None = None
 
     @model_validator(mode="before")
@@ -186,7 +189,7 @@ class Root(_Section):
             raise ValueError("endpoint_url and region apply to s3:// roots only")
         if self.format == "snapshot" and not self.mapping:
             raise ValueError("format snapshot needs a mapping file (mapping: path/to/mapping.yaml)")
-        if self.format == "records" and self.mapping:
+        if self.format != "snapshot" and self.mapping:
             raise ValueError("mapping applies to roots with format snapshot only")
         return self
 
@@ -204,7 +207,14 @@ class Root(_Section):
 
             assert self.mapping is not None
             return f"**/{cached_mapping(Path(self.mapping)).primary}"
+        if self.format == "dvclive" and self.pattern == "**/run_record.jsonl":
+            return "**/metrics.json"
         return self.pattern
+
+    @property
+    def derived(self) -> bool:
+        """Its records are derived by syncd from other files (snapshot, dvclive)."""
+        return self.format != "records"
 
     @property
     def is_s3(self) -> bool:

@@ -445,7 +445,7 @@ class Daemon:
                 (
                     r
                     for r in self.settings.roots
-                    if not r.is_s3 and r.format == "snapshot" and key.is_relative_to(r.path)
+                    if not r.is_s3 and r.derived and key.is_relative_to(r.path)
                 ),
                 None,
             )

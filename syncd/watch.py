@@ -48,9 +48,9 @@ class RecordEventHandler(FileSystemEventHandler):
             return False
 
     def _snapshot_record(self, path: Path) -> Path | None:
-        """For a snapshot root: the primary file of the run directory holding ``path``
-        (any file of a run directory may feed its mapping)."""
-        if self.root.format != "snapshot" or not self.pattern.startswith("**/"):
+        """For a snapshot or DVCLive root: the primary file of the run directory holding
+        ``path`` (any file of a run directory may feed its record)."""
+        if not self.root.derived or not self.pattern.startswith("**/"):
             return None
         for folder in path.parents:
             if folder == self.base or not folder.is_relative_to(self.base):

@@ -47,8 +47,8 @@ class RunDir(Protocol):
 
     def display_of(self, rel: str) -> str: ...
 
-    def read(self, rel: str, offset: int = 0) -> bytes | None:
-        """The file's bytes from ``offset``; None when it does not exist."""
+    def read(self, rel: str, offset: int = 0, length: int | None = None) -> bytes | None:
+        """The file's bytes from ``offset`` (``length`` at most); None when it does not exist."""
         ...
 
     def listing(self) -> dict[str, tuple[int, int]]:
@@ -105,11 +105,11 @@ class LocalRunDir:
     def display_of(self, rel: str) -> str:
         return str(self.path / rel)
 
-    def read(self, rel: str, offset: int = 0) -> bytes | None:
+    def read(self, rel: str, offset: int = 0, length: int | None = None) -> bytes | None:
         try:
             with (self.path / rel).open("rb") as fh:
                 fh.seek(offset)
-                return fh.read()
+                return fh.read(-1 if length is None else length)
         except FileNotFoundError:
             return None
 
@@ -151,10 +151,11 @@ class S3RunDir:
     def display_of(self, rel: str) -> str:
         return self.uri_of(rel)
 
-    def read(self, rel: str, offset: int = 0) -> bytes | None:
+    def read(self, rel: str, offset: int = 0, length: int | None = None) -> bytes | None:
         from syncd.sources.s3 import S3SourceError, _not_found, describe_error
 
-        extra = {"Range": f"bytes={offset}-"} if offset else {}
+        last = "" if length is None else str(offset + max(length, 1) - 1)
+        extra = {"Range": f"bytes={offset}-{last}"} if offset or length is not None else {}
         try:
             body = self.client.get_object(Bucket=self.bucket, Key=self._key(rel), **extra)["Body"]
             return bytes(body.read())
@@ -187,6 +188,20 @@ def parse_document(name: str, raw: bytes) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ValueError(str(exc).replace("\n", " ")) from exc
+
+
+def read_document(run_dir: RunDir, rel: str) -> Any:
+    """One parsed file (None when absent); an OSError naming it when it cannot be parsed."""
+    raw = run_dir.read(rel)
+    if raw is None:
+        return None
+    try:
+        return parse_document(rel, raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        kind = "JSON" if rel.endswith(".json") else "YAML"
+        raise OSError(
+            errno.EINVAL, f"not valid {kind} ({str(exc)[:300]})", run_dir.display_of(rel)
+        ) from exc
 
 
 def read_snapshot(run_dir: RunDir, mapping: Mapping) -> Snapshot:

@@ -164,3 +164,35 @@ def test_dry_run_record_lives_in_memory(tmp_path: Path) -> None:
     size, _ = record.stat()
     assert size > 0 and record.read_at(0, 20).startswith(b'{"v":1,"seq":0')
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_dvclive_history_is_tailed_by_complete_rows_and_reread_when_rewritten(
+    tmp_path: Path,
+) -> None:
+    from syncd.snapshot.dvclive import DvcliveTranslator
+
+    run = tmp_path / "proj" / "dvclive"
+    (run / "plots" / "metrics").mkdir(parents=True)
+    (run / "metrics.json").write_text('{"loss": 0.5, "step": 1}')
+    tsv = run / "plots" / "metrics" / "loss.tsv"
+    tsv.write_text("timestamp\tstep\tloss\n1000\t0\t1.0\n2000\t1\t0.5\n3000\t2\t0.2")  # torn
+    record = DerivedRecord(LocalRunDir(run), DvcliveTranslator("e"), tmp_path / "state")
+    record.stat()
+    points = [
+        (x["ts"], x["step"], x["metrics"]) for x in derived_lines(record) if x["type"] == "metrics"
+    ]
+    assert points == [(1000, 0, {"loss": 1.0}), (2000, 1, {"loss": 0.5})]
+    assert derived_lines(record)[0]["run_name"] == "proj"
+
+    with tsv.open("a") as fh:  # the torn row completes, one more arrives
+        fh.write("5\n4000\t3\tnan\n")
+    record.stat()
+    points = [
+        (x["ts"], x["step"], x["metrics"]) for x in derived_lines(record) if x["type"] == "metrics"
+    ]
+    assert points[2:] == [(3000, 2, {"loss": 0.25}), (4000, 3, {"loss": "NaN"})]
+
+    tsv.write_text("step\tloss\n0\t9.0\n")  # rewritten (a new header): read from the start
+    record.stat()
+    last = [x for x in derived_lines(record) if x["type"] == "metrics"][-1]
+    assert (last["step"], last["metrics"]) == (0, {"loss": 9.0})

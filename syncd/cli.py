@@ -518,6 +518,8 @@ def resync(
     config: ConfigOpt = None,
     tracking_uri: TrackingOpt = None,
     state_dir: StateOpt = None,
+    fmt: FormatOpt = None,
+    mapping: MappingOpt = None,
     json_out: JsonOpt = False,
     log_format: LogFormatOpt = None,
     log_level: LogLevelOpt = None,
@@ -539,6 +541,8 @@ def resync(
             state_dir=state_dir,
             log_format=log_format,
             log_level=log_level,
+            fmt=fmt,
+            mapping=mapping,
         )
         settings = _settings(config, _verbosity(config, overrides, verbose, quiet))
         summary = run_backfill(settings, resync=True)

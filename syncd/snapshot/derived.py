@@ -312,7 +312,16 @@ class DerivedRecord:
 
     def stat(self) -> tuple[int, int]:
         if not self.read_only:
-            self.refresh()
+            try:
+                self.refresh()
+            except OSError:
+                raise
+            except Exception as exc:  # the record boundary: this record fails, not the pass
+                raise OSError(
+                    errno.EIO,
+                    f"cannot derive the record: {type(exc).__name__}: {exc}",
+                    self.display,
+                ) from exc
         elif self.path is not None and not self.path.exists():
             # nothing derived yet: the run directory exists, so the record is empty
             self.run_dir.listing()

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from syncd.record.events import MLFLOW_RUN_ID_PATTERN, RECORD_ID_PATTERN
 from syncd.snapshot.mapping import Mapping, Ref, parse_template
 
 SNAPSHOT_EVENT = "x-syncd-snapshot"
@@ -234,7 +235,8 @@ def translate(
 
     # -- the run: fixed by the first translation ------------------------------------
     if previous is None:
-        record_id = identity("record_id") or default_record_id
+        record_id = _valid_id(out, snap, mapping, "record_id", identity("record_id"))
+        record_id = record_id or default_record_id
         started: dict[str, Any] = {"type": "run_started", "record_id": record_id}
         for name, key in (
             ("experiment", "experiment"),
@@ -243,6 +245,8 @@ def translate(
             ("mlflow_run_id", "mlflow_run_id"),
         ):
             value = identity(name)
+            if name in ("parent", "mlflow_run_id"):
+                value = _valid_id(out, snap, mapping, name, value)
             state[name] = value
             if value:
                 started[key] = value
@@ -430,6 +434,31 @@ def translate(
     state["problems"] = sorted(seen)
     out.state = state
     return out
+
+
+def _valid_id(
+    out: Translation, snap: Snapshot, mapping: Mapping, entry: str, value: str | None
+) -> str | None:
+    """``value`` when it is a valid record id (run id for mlflow_run_id), else None with a
+    problem naming the entry."""
+    if value is None:
+        return None
+    pattern = MLFLOW_RUN_ID_PATTERN if entry == "mlflow_run_id" else RECORD_ID_PATTERN
+    if pattern.match(value):
+        return value
+    template = getattr(mapping, entry) or ""
+    refs = [p for p in parse_template(template) if isinstance(p, Ref)]
+    kind = "MLflow run id" if entry == "mlflow_run_id" else "record id"
+    out.problems.append(
+        Problem(
+            snap.paths.get(refs[0].alias, snap.run_dir) if refs else snap.run_dir,
+            refs[0].field if refs else entry,
+            entry,
+            f"{value[:80]!r} is not a valid {kind}"
+            + (" (the default id is used)" if entry == "record_id" else " (ignored)"),
+        )
+    )
+    return None
 
 
 def _artifact(

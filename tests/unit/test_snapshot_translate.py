@@ -196,3 +196,13 @@ def test_dvclive_history_is_tailed_by_complete_rows_and_reread_when_rewritten(
     record.stat()
     last = [x for x in derived_lines(record) if x["type"] == "metrics"][-1]
     assert (last["step"], last["metrics"]) == (0, {"loss": 9.0})
+
+
+def test_an_invalid_record_id_is_reported_and_the_default_id_used() -> None:
+    result = translate(
+        MAPPING, None, snap({**DOC, "id": "has spaces/slash"}), default_record_id="d"
+    )
+    assert result.events[0]["record_id"] == "d"
+    (problem,) = result.problems
+    assert (problem.field, problem.entry) == ("rec.id", "record_id")
+    assert problem.reason == "'has spaces/slash' is not a valid record id (the default id is used)"

@@ -41,6 +41,7 @@ from syncd.snapshot.derived import (
 )
 from syncd.snapshot.dvclive import DvcliveTranslator
 from syncd.snapshot.mapping import Mapping, cached_mapping
+from syncd.snapshot.tensorboard import EVENT_FILE_PREFIX, TensorboardTranslator
 from syncd.sources import RecordFile
 from syncd.sources.local import LocalRecord, find_records, path_from_uri
 from syncd.sources.s3 import (
@@ -200,7 +201,12 @@ def iter_record_files(roots: Iterable[Root]) -> Iterator[tuple[Root, Path]]:
         path = Path(root.path)
         if not path.exists():
             raise ConfigError(f"root {root.path} does not exist")
+        seen: set[Path] = set()
         for record in find_records(path, root.record_pattern):
+            if root.format == "tensorboard":  # one run per folder, whatever its event files
+                if record.parent in seen:
+                    continue
+                seen.add(record.parent)
             yield root, record
 
 
@@ -259,6 +265,10 @@ def record_at(
     root: Root, path: Path, state_dir: Path | None, *, read_only: bool = False
 ) -> LocalRecord | DerivedRecord:
     """The record a discovered local file stands for under ``root``."""
+    if root.format == "tensorboard":  # the folder's first event file names its run
+        first = min((p.name for p in path.parent.glob(f"{EVENT_FILE_PREFIX}*")), default=path.name)
+        translator = TensorboardTranslator(first, root.experiment or "tensorboard")
+        return DerivedRecord(LocalRunDir(path.parent), translator, state_dir, read_only=read_only)
     if root.derived:
         return DerivedRecord(
             LocalRunDir(path.parent), root_translator(root), state_dir, read_only=read_only

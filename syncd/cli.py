@@ -55,8 +55,8 @@ FormatOpt = Annotated[
     str | None,
     typer.Option(
         "--format",
-        help="What the roots hold: records (v1 run records), snapshot (needs --mapping)"
-        " or dvclive (DVCLive output folders).",
+        help="What the roots hold: records (v1 run records), snapshot (needs --mapping),"
+        " dvclive (DVCLive output folders) or tensorboard (TensorBoard event files).",
         show_default=False,
     ),
 ]

@@ -152,11 +152,11 @@ class Root(_Section):
     endpoint_url: str | None = None
     region: str | None = None
     # "records" (v1 run records), "snapshot" (run directories whose files a mapping,
-    # ``mapping``, a YAML file, turns into events) or "dvclive" (DVCLive output folders);
-    # see docs/formats.md
-    format: Annotated[Literal["records", "snapshot", "dvclive"], BeforeValidator(_lower)] = (
-        "records"
-    )
+    # ``mapping``, a YAML file, turns into events), "dvclive" (DVCLive output folders) or
+    # "tensorboard" (folders of TensorBoard event files); see docs/formats.md
+    format: Annotated[
+        Literal["records", "snapshot", "dvclive", "tensorboard"], BeforeValidator(_lower)
+    ] = "records"
     mapping: str | None = None
 
     @model_validator(mode="before")
@@ -209,6 +209,8 @@ class Root(_Section):
             return f"**/{cached_mapping(Path(self.mapping)).primary}"
         if self.format == "dvclive" and self.pattern == "**/run_record.jsonl":
             return "**/metrics.json"
+        if self.format == "tensorboard" and self.pattern == "**/run_record.jsonl":
+            return "**/events.out.tfevents.*"
         return self.pattern
 
     @property

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +89,82 @@ def test_dvclive_folders_mirror_point_by_point_and_follow_appends(
     assert sync(root, tracking_uri, workdir).events == 0  # unchanged: nothing again
     (again,) = client.search_runs([exp.experiment_id])
     assert again.info.run_id == run.info.run_id
+
+
+def write_history(folder: Path, key: str, rows: range) -> None:
+    path = folder / "plots" / "metrics" / f"{key}.tsv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a") as fh:
+        if new:
+            fh.write(f"timestamp\tstep\t{key}\n")
+        for step in rows:
+            fh.write(f"{1_700_000_000_000 + step * 10}\t{step}\t{step / 7}\n")
+    (folder / "metrics.json").write_text(json.dumps({key: rows[-1] / 7, "step": rows[-1]}))
+
+
+@pytest.mark.slow
+def test_sigkills_while_histories_grow_lose_and_duplicate_nothing(
+    workdir: Path, tracking_uri: str, client: Any
+) -> None:
+    """SIGKILLs of backfill and run at random times while DVCLive-format histories grow
+    between kills (startup, translation, derived appends or MLflow writes are cut);
+    a final backfill leaves every row exactly once."""
+    import random
+    import signal
+    import subprocess
+
+    from daemon_helpers import SYNCD, free_port, run_syncd
+
+    state = workdir / "state"
+    root = workdir / "dv"
+    rng = random.Random(16)
+    folders = [root / f"run{i}" for i in range(4)]
+    rows = dict.fromkeys(folders, 0)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SYNCD_", "MLFLOW_TRACK"))}
+
+    def grow() -> None:
+        for folder in folders:
+            more = rng.randint(200, 800)
+            write_history(folder, "loss", range(rows[folder], rows[folder] + more))
+            rows[folder] += more
+
+    kills = 0
+    for _ in range(4):
+        grow()
+        kind = rng.choice(["backfill", "run"])
+        args = [SYNCD, kind, str(root), "--format", "dvclive", "--tracking-uri", tracking_uri]
+        args += ["--state-dir", str(state), "--log-format", "json"]
+        if kind == "run":
+            args += ["--health-addr", f"127.0.0.1:{free_port()}"]
+        after_s = rng.uniform(2.0, 12.0)  # startup, translation, derived appends or writes
+        with (workdir / "syncd.log").open("ab") as log:
+            proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=log, stderr=log)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(after_s)  # a backfill may end by itself first
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 2
+
+    done = run_syncd(
+        "backfill",
+        str(root),
+        "--format",
+        "dvclive",
+        "--tracking-uri",
+        tracking_uri,
+        "--state-dir",
+        str(state),
+        cwd=workdir,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    exp = client.get_experiment_by_name("dvclive")
+    found = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    assert sorted(found) == sorted(f.name for f in folders)  # one run per folder
+    for folder in folders:
+        points = history(client, found[folder.name].info.run_id, "loss")
+        assert points == [
+            (step, 1_700_000_000_000 + step * 10, step / 7) for step in range(rows[folder])
+        ], folder.name

@@ -231,22 +231,31 @@ def default_record_id(uri: str) -> str:
     return "snap-" + hashlib.sha256(uri.encode()).hexdigest()[:24]
 
 
+_SNAPSHOT_MARK = b'"type":"' + SNAPSHOT_EVENT.encode() + b'"'
+
+
 def _lines_state(content: bytes) -> tuple[int, int, dict[str, Any] | None]:
-    """(bytes up to the end of the last snapshot line, last seq there, its state)."""
-    keep, seq, state = 0, -1, None
-    pos = 0
+    """(bytes up to the end of the last snapshot line, last seq there, its state).
+
+    Only the last complete snapshot line is parsed (found from the end: the marker's
+    quotes cannot appear unescaped inside a JSON string), so a long derived record
+    costs one search, not a parse of every line.
+    """
+    end = len(content)
     while True:
-        end = content.find(b"\n", pos)
-        if end < 0:
-            break
-        try:
-            obj = json.loads(content[pos:end])
-        except ValueError:
-            break
-        if obj.get("type") == SNAPSHOT_EVENT:
-            keep, seq, state = end + 1, int(obj["seq"]), obj.get("state")
-        pos = end + 1
-    return keep, seq, state
+        at = content.rfind(_SNAPSHOT_MARK, 0, end)
+        if at < 0:
+            return 0, -1, None
+        start = content.rfind(b"\n", 0, at) + 1
+        stop = content.find(b"\n", at)
+        if stop >= 0:
+            try:
+                obj = json.loads(content[start:stop])
+            except ValueError:
+                obj = None
+            if isinstance(obj, dict) and obj.get("type") == SNAPSHOT_EVENT:
+                return stop + 1, int(obj["seq"]), obj.get("state")
+        end = start  # a torn or unreadable snapshot line: look before it
 
 
 def encode_events(events: list[dict[str, Any]], first_seq: int, ts: int) -> bytes:

@@ -193,8 +193,14 @@ def parse_document(name: str, raw: bytes) -> Any:
 def read_document(run_dir: RunDir, rel: str) -> Any:
     """One parsed file (None when absent); an OSError naming it when it cannot be parsed."""
     raw = run_dir.read(rel)
-    if raw is None:
-        return None
+    return None if raw is None else _parsed(run_dir, rel, raw)
+
+
+def _parsed(run_dir: RunDir, rel: str, raw: bytes) -> Any:
+    """A file's content; an OSError naming it when it is empty or cannot be parsed (a
+    file rewritten in place may be caught half-written: the record is tried again)."""
+    if not raw.strip():
+        raise OSError(errno.EAGAIN, "empty (being rewritten?)", run_dir.display_of(rel))
     try:
         return parse_document(rel, raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -217,13 +223,7 @@ def read_snapshot(run_dir: RunDir, mapping: Mapping) -> Snapshot:
             if rel == mapping.primary:
                 raise FileNotFoundError(errno.ENOENT, "no such file", run_dir.display_of(rel))
             continue
-        try:
-            docs[alias] = parse_document(rel, raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            kind = "JSON" if rel.endswith(".json") else "YAML"
-            raise OSError(
-                errno.EINVAL, f"not valid {kind} ({str(exc)[:300]})", run_dir.display_of(rel)
-            ) from exc
+        docs[alias] = _parsed(run_dir, rel, raw)
     return Snapshot(run_dir=run_dir.display, docs=docs, paths=paths, files=run_dir.listing())
 
 

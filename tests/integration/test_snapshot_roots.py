@@ -324,15 +324,14 @@ def test_daemon_picks_up_a_changed_snapshot(workdir: Path, tracking_uri: str, cl
     )
     try:
         daemon.wait_ready()
-        run = wait_for(
-            lambda: (
-                client.get_experiment_by_name("seasonal_forecast")
-                and only_run(client, "seasonal_forecast")
-            ),
-            60,
-            0.2,
-            "the fit run",
-        )
+
+        def mirrored() -> Any:
+            exp = client.get_experiment_by_name("seasonal_forecast")
+            run = exp and only_run(client, "seasonal_forecast")
+            return run if run and "git_dirty" in run.data.tags else None
+
+        # the run is created first, its tags written next: wait for both
+        run = wait_for(mirrored, 60, 0.2, "the fit run with its tags")
         assert run.data.tags["git_dirty"] == "false"
         # The stage marks the tree dirty and finishes: metadata.yaml rewritten in place.
         meta = yaml.safe_load((fit / "metadata.yaml").read_text())

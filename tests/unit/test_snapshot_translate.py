@@ -206,3 +206,18 @@ def test_an_invalid_record_id_is_reported_and_the_default_id_used() -> None:
     (problem,) = result.problems
     assert (problem.field, problem.entry) == ("rec.id", "record_id")
     assert problem.reason == "'has spaces/slash' is not a valid record id (the default id is used)"
+
+
+def test_an_empty_or_broken_snapshot_file_is_an_error_naming_it(tmp_path: Path) -> None:
+    run = tmp_path / "a"
+    run.mkdir()
+    (run / "run.json").write_text("")  # caught while rewritten in place
+    record = DerivedRecord(LocalRunDir(run), MAPPING, tmp_path / "state")
+    with pytest.raises(OSError, match="empty") as caught:
+        record.stat()
+    assert caught.value.filename == str(run / "run.json")
+    (run / "run.json").write_text('{"id": ')
+    with pytest.raises(OSError, match="not valid JSON"):
+        record.stat()
+    (run / "run.json").write_text(json.dumps(DOC))
+    assert record.stat()[0] > 0

@@ -32,9 +32,26 @@ from syncd.ledger import (
 )
 from syncd.logging import redact_text
 from syncd.sink import MlflowSink, RetryPolicy
+from syncd.snapshot.derived import (
+    DerivedRecord,
+    LocalRunDir,
+    S3RunDir,
+    SnapshotTranslator,
+    Translator,
+)
+from syncd.snapshot.dvclive import DvcliveTranslator
+from syncd.snapshot.mapping import Mapping, cached_mapping
+from syncd.snapshot.tensorboard import EVENT_FILE_PREFIX, TensorboardTranslator
 from syncd.sources import RecordFile, etag_of
-from syncd.sources.local import LocalRecord, find_records
-from syncd.sources.s3 import S3Record, S3SourceError, client_for, list_records, split_uri
+from syncd.sources.local import LocalRecord, find_records, path_from_uri
+from syncd.sources.s3 import (
+    S3Record,
+    S3SourceError,
+    client_for,
+    list_records,
+    posix_dirname,
+    split_uri,
+)
 from syncd.store_schema import StoreSchemaError
 from syncd.writers import WriterPool, writer_count
 
@@ -184,8 +201,16 @@ def iter_record_files(roots: Iterable[Root]) -> Iterator[tuple[Root, Path]]:
         path = Path(root.path)
         if not path.exists():
             raise ConfigError(f"root {root.path} does not exist")
-        for record in find_records(path, root.pattern):
+        seen: set[Path] = set()
+        for record in find_records(path, root.record_pattern):
+            if root.format == "tensorboard":  # one run per folder, whatever its event files
+                if record.parent in seen:
+                    continue
+                seen.add(record.parent)
             yield root, record
+
+
+SourceRecord = LocalRecord | S3Record | DerivedRecord
 
 
 def iter_records(
@@ -193,26 +218,69 @@ def iter_records(
     *,
     timeout: float = 30.0,
     on_root_error: Callable[[Root, S3SourceError], None] | None = None,
-) -> Iterator[tuple[Root, LocalRecord | S3Record]]:
+    state_dir: Path | None = None,
+    read_only: bool = False,
+) -> Iterator[tuple[Root, SourceRecord]]:
     """Every record under the roots, local and S3 mixed, in root order.
 
     An S3 record carries its listing (size, ETag, LastModified), so an unchanged one
     is skipped without a request. An S3 root that cannot be listed goes to
-    ``on_root_error`` (raised when there is none); the other roots go on.
+    ``on_root_error`` (raised when there is none); the other roots go on. A snapshot
+    root yields derived records (kept under ``state_dir``; None: in memory).
     """
     for root in roots:
         if not root.is_s3:
             for _root, path in iter_record_files([root]):
-                yield root, LocalRecord(path)
+                yield root, record_at(root, path, state_dir, read_only=read_only)
             continue
         client = client_for(root, timeout)
         try:
-            for obj in list_records(client, root.path, root.pattern):
-                yield root, S3Record(client, obj.bucket, obj.key, obj)
+            for obj in list_records(client, root.path, root.record_pattern):
+                if root.format == "snapshot":
+                    run_dir = S3RunDir(client, obj.bucket, posix_dirname(obj.key))
+                    yield (
+                        root,
+                        DerivedRecord(run_dir, root_mapping(root), state_dir, read_only=read_only),
+                    )
+                else:
+                    yield root, S3Record(client, obj.bucket, obj.key, obj)
         except S3SourceError as exc:
             if on_root_error is None:
                 raise
             on_root_error(root, exc)
+
+
+def root_mapping(root: Root) -> Mapping:
+    assert root.mapping is not None
+    return cached_mapping(Path(root.mapping))
+
+
+def root_translator(root: Root) -> Translator:
+    if root.format == "dvclive":
+        return DvcliveTranslator(root.experiment or "dvclive")
+    return SnapshotTranslator(root_mapping(root))
+
+
+def record_at(
+    root: Root, path: Path, state_dir: Path | None, *, read_only: bool = False
+) -> LocalRecord | DerivedRecord:
+    """The record a discovered local file stands for under ``root``."""
+    if root.format == "tensorboard":  # the folder's first event file names its run
+        first = min((p.name for p in path.parent.glob(f"{EVENT_FILE_PREFIX}*")), default=path.name)
+        translator = TensorboardTranslator(first, root.experiment or "tensorboard")
+        return DerivedRecord(LocalRunDir(path.parent), translator, state_dir, read_only=read_only)
+    if root.derived:
+        return DerivedRecord(
+            LocalRunDir(path.parent), root_translator(root), state_dir, read_only=read_only
+        )
+    return LocalRecord(path)
+
+
+def check_mappings(roots: Iterable[Root]) -> None:
+    """Every snapshot root's mapping can be read (ConfigError naming it otherwise)."""
+    for root in roots:
+        if root.format == "snapshot":
+            root_mapping(root)
 
 
 def backfill(
@@ -233,11 +301,13 @@ def backfill(
     started = time.perf_counter()
     summary = Summary(tracking_uri=sink_key(settings.tracking_uri))
     root_errors: list[tuple[Root, S3SourceError]] = []
+    check_mappings(settings.roots)
     files = list(
         iter_records(
             settings.roots,
             timeout=settings.timeouts.http,
             on_root_error=lambda root, exc: root_errors.append((root, exc)),
+            state_dir=None if dry_run else settings.state_dir,
         )
     )
     for root, exc in root_errors:
@@ -359,16 +429,14 @@ def backfill(
     return summary
 
 
-def _sync_closing(
-    engine: Engine, *, record: LocalRecord | S3Record, row: RecordRow | None
-) -> Outcome:
+def _sync_closing(engine: Engine, *, record: SourceRecord, row: RecordRow | None) -> Outcome:
     try:
         return engine.sync(record, row)
     finally:
         record.close()
 
 
-def _resync_key(record: LocalRecord | S3Record) -> Path | str:
+def _resync_key(record: SourceRecord) -> Path | str:
     return record.path if isinstance(record, LocalRecord) else record.uri
 
 
@@ -421,10 +489,14 @@ def root_experiments(roots: Iterable[Root]) -> Callable[[Any], str | None]:
     ]
 
     def experiment_for(record: Any) -> str | None:
-        if isinstance(record, S3Record):
+        if isinstance(record, S3Record | DerivedRecord) and record.uri.startswith("s3://"):
             uri = record.uri
             return next((exp for base, exp in s3_defaults if uri.startswith(base)), None)
-        path = getattr(record, "path", None)
+        path: Path | None = (
+            path_from_uri(record.uri)
+            if isinstance(record, DerivedRecord)
+            else getattr(record, "path", None)
+        )
         for root, experiment in defaults:
             if path is not None and path.is_relative_to(root):
                 return experiment

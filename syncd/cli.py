@@ -51,6 +51,23 @@ StateOpt = Annotated[
         show_default=False,
     ),
 ]
+FormatOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--format",
+        help="What the roots hold: records (v1 run records), snapshot (needs --mapping),"
+        " dvclive (DVCLive output folders) or tensorboard (TensorBoard event files).",
+        show_default=False,
+    ),
+]
+MappingOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--mapping",
+        help="Snapshot mapping file (YAML) for the roots; implies --format snapshot.",
+        show_default=False,
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON document on stdout.")]
 LogFormatOpt = Annotated[
     str | None, typer.Option("--log-format", help="auto, console or json.", show_default=False)
@@ -97,11 +114,19 @@ def _overrides(
     state_dir: Path | None = None,
     log_format: str | None = None,
     log_level: str | None = None,
+    fmt: str | None = None,
+    mapping: Path | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
     """Flag values as config overrides (flags the user did not give stay None: not set)."""
+    root_extra: dict[str, Any] = {}
+    if fmt:
+        root_extra["format"] = fmt
+    if mapping:
+        root_extra["mapping"] = str(mapping)
+        root_extra.setdefault("format", "snapshot")
     return {
-        "roots": [{"path": r} for r in roots] if roots else None,
+        "roots": [{"path": r, **root_extra} for r in roots] if roots else None,
         "tracking_uri": tracking_uri,
         "state_dir": str(state_dir) if state_dir else None,
         "log.format": log_format,
@@ -246,6 +271,8 @@ def backfill(
         str | None,
         typer.Option("--pattern", help="Glob of record files under each root.", show_default=False),
     ] = None,
+    fmt: FormatOpt = None,
+    mapping: MappingOpt = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Read and plan, write nothing (no MLflow, no ledger).")
     ] = False,
@@ -275,6 +302,8 @@ def backfill(
             state_dir=state_dir,
             log_format=log_format,
             log_level=log_level,
+            fmt=fmt,
+            mapping=mapping,
         )
         settings = _settings(
             config, _verbosity(config, overrides, verbose, quiet), BACKFILL_DEBUG_EVENTS
@@ -283,7 +312,7 @@ def backfill(
             raise ConfigError("no roots: give ROOT arguments or 'roots' in the config file")
         if pattern:
             settings.roots = [
-                Root(path=r.path, pattern=pattern, experiment=r.experiment) for r in settings.roots
+                Root.model_validate({**r.model_dump(), "pattern": pattern}) for r in settings.roots
             ]
         summary = run_backfill(
             settings,
@@ -348,6 +377,43 @@ def _print_summary(summary: dict[str, Any], dry_run: bool) -> None:
             console.print(Text(f"  {where}{err.get('reason', '')}"), soft_wrap=True)
     if summary.get("aborted"):
         console.print(Text(f"stopped early: {summary['aborted']}"), soft_wrap=True, style="red")
+
+
+@app.command("check-mapping")
+def check_mapping(
+    mapping: Annotated[Path, typer.Argument(help="The mapping file (YAML).", show_default=False)],
+    run_dir: Annotated[
+        Path, typer.Argument(help="A run directory holding the snapshot files.", show_default=False)
+    ],
+) -> None:
+    """Print the events RUN_DIR would produce under MAPPING (JSON lines), writing nothing.
+
+    Mapping problems go to stderr, each naming the file, the field and the mapping
+    entry; exit code 1 when there is any, 2 when the mapping itself is invalid.
+    """
+    from syncd.snapshot.derived import LocalRunDir, read_snapshot
+    from syncd.snapshot.derived import default_record_id as default_id
+    from syncd.snapshot.mapping import load_mapping
+    from syncd.snapshot.translate import translate
+
+    with _user_errors():
+        parsed = load_mapping(mapping)
+        if not run_dir.is_dir():
+            raise ConfigError(f"run directory {run_dir} is not a folder")
+        source = LocalRunDir(run_dir)
+        try:
+            snap = read_snapshot(source, parsed)
+        except OSError as exc:
+            raise ConfigError(f"{exc.filename or run_dir}: {exc.strerror or exc}") from exc
+        result = translate(
+            parsed, None, snap, default_record_id=default_id(source.uri_of(parsed.primary))
+        )
+        for event in result.events:
+            typer.echo(json.dumps(event, separators=(",", ":"), sort_keys=False))
+        for problem in result.problems:
+            typer.echo(problem.describe(), err=True)
+        if result.problems:
+            raise typer.Exit(EXIT_RECORD_ERRORS)
 
 
 @app.command()
@@ -452,6 +518,8 @@ def resync(
     config: ConfigOpt = None,
     tracking_uri: TrackingOpt = None,
     state_dir: StateOpt = None,
+    fmt: FormatOpt = None,
+    mapping: MappingOpt = None,
     json_out: JsonOpt = False,
     log_format: LogFormatOpt = None,
     log_level: LogLevelOpt = None,
@@ -473,6 +541,8 @@ def resync(
             state_dir=state_dir,
             log_format=log_format,
             log_level=log_level,
+            fmt=fmt,
+            mapping=mapping,
         )
         settings = _settings(config, _verbosity(config, overrides, verbose, quiet))
         summary = run_backfill(settings, resync=True)
@@ -496,6 +566,8 @@ def verify(
     config: ConfigOpt = None,
     tracking_uri: TrackingOpt = None,
     state_dir: StateOpt = None,
+    fmt: FormatOpt = None,
+    mapping: MappingOpt = None,
     json_out: JsonOpt = False,
     log_format: LogFormatOpt = None,
     log_level: LogLevelOpt = None,
@@ -516,6 +588,8 @@ def verify(
                 state_dir=state_dir,
                 log_format=log_format,
                 log_level=log_level,
+                fmt=fmt,
+                mapping=mapping,
             ),
         )
         totals, results = verify_records(settings)
@@ -556,6 +630,8 @@ def run(
         bool,
         typer.Option("--polling", help="Poll instead of inotify (NFS and similar filesystems)."),
     ] = False,
+    fmt: FormatOpt = None,
+    mapping: MappingOpt = None,
     log_format: LogFormatOpt = None,
     log_level: LogLevelOpt = None,
     verbose: VerboseOpt = 0,
@@ -575,6 +651,8 @@ def run(
             log_format=log_format,
             log_level=log_level,
             health_addr=health_addr,
+            fmt=fmt,
+            mapping=mapping,
             **{"watch.mode": "polling" if polling else None},
         )
         code = run_service(config, _verbosity(config, overrides, verbose, quiet))

@@ -151,6 +151,13 @@ class Root(_Section):
     # else AWS) and the bucket's region (default: the standard AWS configuration)
     endpoint_url: str | None = None
     region: str | None = None
+    # "records" (v1 run records), "snapshot" (run directories whose files a mapping,
+    # ``mapping``, a YAML file, turns into events), "dvclive" (DVCLive output folders) or
+    # "tensorboard" (folders of TensorBoard event files); see docs/formats.md
+    format: Annotated[
+        Literal["records", "snapshot", "dvclive", "tensorboard"], BeforeValidator(_lower)
+    ] = "records"
+    mapping: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -180,7 +187,36 @@ class Root(_Section):
     def _s3_only_options(self) -> "Root":
         if not self.is_s3 and (self.endpoint_url or self.region):
             raise ValueError("endpoint_url and region apply to s3:// roots only")
+        if self.format == "snapshot" and not self.mapping:
+            raise ValueError("format snapshot needs a mapping file (mapping: path/to/mapping.yaml)")
+        if self.format != "snapshot" and self.mapping:
+            raise ValueError("mapping applies to roots with format snapshot only")
         return self
+
+    @field_validator("mapping")
+    @classmethod
+    def _check_mapping(cls, value: str | None) -> str | None:
+        return _anchor(value.strip(), Path.cwd()) if value and value.strip() else None
+
+    @property
+    def record_pattern(self) -> str:
+        """The glob that finds this root's records: for a snapshot root whose pattern is
+        the default, every folder holding the mapping's primary file."""
+        if self.format == "snapshot" and self.pattern == "**/run_record.jsonl":
+            from syncd.snapshot.mapping import cached_mapping
+
+            assert self.mapping is not None
+            return f"**/{cached_mapping(Path(self.mapping)).primary}"
+        if self.format == "dvclive" and self.pattern == "**/run_record.jsonl":
+            return "**/metrics.json"
+        if self.format == "tensorboard" and self.pattern == "**/run_record.jsonl":
+            return "**/events.out.tfevents.*"
+        return self.pattern
+
+    @property
+    def derived(self) -> bool:
+        """Its records are derived by syncd from other files (snapshot, dvclive)."""
+        return self.format != "records"
 
     @property
     def is_s3(self) -> bool:
@@ -451,12 +487,20 @@ def _anchor_file_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
         data["roots"] = [
             _anchor(root, base)
             if _is_local_path(root)
-            else {**root, "path": _anchor(root["path"], base)}
+            else _anchor_mapping({**root, "path": _anchor(root["path"], base)}, base)
             if isinstance(root, dict) and _is_local_path(root.get("path"))
+            else _anchor_mapping(root, base)
+            if isinstance(root, dict)
             else root
             for root in data["roots"]
         ]
     return data
+
+
+def _anchor_mapping(root: dict[str, Any], base: Path) -> dict[str, Any]:
+    if isinstance(root.get("mapping"), str):
+        return {**root, "mapping": _anchor(root["mapping"], base)}
+    return root
 
 
 def _drop_none(value: Any) -> Any:

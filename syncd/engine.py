@@ -63,6 +63,7 @@ from syncd.record.reader import (
     tail_of,
 )
 from syncd.sink import ApplyResult, Bounded, unbounded
+from syncd.snapshot.translate import PROBLEM_EVENT
 from syncd.sources import RecordFile, etag_of
 from syncd.sources.local import path_from_uri
 
@@ -477,7 +478,7 @@ class Engine:
             source_uri=record.uri,
             default_experiment=self.default_experiment(record),
         )
-        errors = [*parsed.errors, *plan.problems]
+        errors = [*parsed.errors, *plan.problems, *_derived_problems(plan, record)]
         record_id = plan.run.record_id if plan.run else row.record_id
         if plan.run is not None and row.record_id != plan.run.record_id:
             self._claimed_elsewhere(record, plan.run.record_id)
@@ -626,6 +627,8 @@ class Engine:
         """
         find_run = getattr(self.sink, "find_run", None)
         experiment_of = getattr(self.sink, "experiment_id", None)
+        if spec.mlflow_run_id:  # an existing run, named by the record: nothing to search
+            return None
         if self._lease is None or find_run is None or experiment_of is None:
             return None
         calls = getattr(self.sink, "calls", None)  # a SQLite store's lock, when it has one
@@ -730,6 +733,19 @@ class Engine:
             row.state = GONE
             self._commit(Progress(record=row, kind="gone", detail="source file deleted"))
         return Outcome(source=record.display, state=GONE)
+
+
+def _derived_problems(plan: WritePlan, record: RecordFile) -> list[RecordError]:
+    """Mapping problems a derived record carries (``x-syncd-problem`` lines), reported
+    once each, naming the source file, the field and the mapping entry."""
+    out = []
+    for event in plan.extensions:
+        if event.type == PROBLEM_EVENT:
+            f = event.fields
+            reason = f"field {f.get('field')!r}: {f.get('reason')} (mapping entry {f.get('entry')})"
+            path = str(f.get("file") or record.display)
+            out.append(RecordError(reason, path=path, line=event.line, seq=event.seq))
+    return out
 
 
 def locate_local(uri: str) -> RecordFile | None:

@@ -82,6 +82,10 @@ class RunSpec:
     start_time: int
     tags: dict[str, str]
     parent_record_id: str | None
+    # An existing MLflow run this record continues (``mlflow_run_id`` of run_started):
+    # it is neither created nor tagged with the record's id (the run keeps the tags of
+    # the record that created it).
+    mlflow_run_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,8 +275,9 @@ class _Planner:
             self.problem(event, "run_started has no experiment and its root sets no default")
             return
         tags = self._valid_tags(event, f["tags"])
-        tags[RECORD_ID_TAG] = f["record_id"]
-        tags[SOURCE_TAG] = self.source_uri
+        if not f.get("mlflow_run_id"):
+            tags[RECORD_ID_TAG] = f["record_id"]
+            tags[SOURCE_TAG] = self.source_uri
         if f["description"]:
             tags[NOTE_TAG] = f["description"]
         self.plan.run = RunSpec(
@@ -282,6 +287,7 @@ class _Planner:
             start_time=event.ts,
             tags=tags,
             parent_record_id=f["parent_record_id"],
+            mlflow_run_id=f.get("mlflow_run_id"),
         )
 
     def params(self, event: Event) -> None:

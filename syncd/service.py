@@ -34,6 +34,7 @@ from syncd.artifacts import clean_stale_stages
 from syncd.backfill import (
     iter_record_files,
     open_ledger,
+    record_at,
     record_locator,
     root_experiments,
     sink_key,
@@ -47,6 +48,7 @@ from syncd.logging import configure, redact_text
 from syncd.notify import Notifier, watchdog_interval
 from syncd.s3_poller import S3Poller
 from syncd.sink import MlflowSink, RetryPolicy
+from syncd.snapshot.derived import DerivedRecord
 from syncd.sources.local import LocalRecord, path_from_uri
 from syncd.sources.s3 import S3Record, forget_clients
 from syncd.supervisor import Supervisor
@@ -437,8 +439,18 @@ class Daemon:
             self._schedule_retry(path)
         return True
 
-    def _record_for(self, key: Key) -> LocalRecord | S3Record:
+    def _record_for(self, key: Key) -> LocalRecord | S3Record | DerivedRecord:
         if isinstance(key, Path):
+            root = next(
+                (
+                    r
+                    for r in self.settings.roots
+                    if not r.is_s3 and r.derived and key.is_relative_to(r.path)
+                ),
+                None,
+            )
+            if root is not None:
+                return record_at(root, key, self.settings.state_dir)
             return LocalRecord(key)
         assert self.poller is not None
         return self.poller.record(key)

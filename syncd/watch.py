@@ -34,26 +34,42 @@ class RecordEventHandler(FileSystemEventHandler):
         self.root = root
         self.notice = notice
         self.base = Path(root.path)
-        self.name_glob = root.pattern.rpartition("/")[2] or root.pattern
+        self.pattern = root.record_pattern
+        self.name_glob = self.pattern.rpartition("/")[2] or self.pattern
 
     def _matches(self, path: Path) -> bool:
         if not fnmatch.fnmatchcase(path.name, self.name_glob):
             return False
-        if self.root.pattern.startswith("**/"):  # any depth: the name decides
+        if self.pattern.startswith("**/"):  # any depth: the name decides
             return True
         try:
-            return path.relative_to(self.base).match(self.root.pattern)
+            return path.relative_to(self.base).match(self.pattern)
         except ValueError:
             return False
+
+    def _snapshot_record(self, path: Path) -> Path | None:
+        """For a snapshot or DVCLive root: the primary file of the run directory holding
+        ``path`` (any file of a run directory may feed its record)."""
+        if not self.root.derived or not self.pattern.startswith("**/"):
+            return None
+        for folder in path.parents:
+            if folder == self.base or not folder.is_relative_to(self.base):
+                break
+            primary = folder / self.name_glob
+            if primary.is_file():
+                return primary
+        return None
 
     def _consider(self, raw: str | bytes, is_directory: bool) -> None:
         path = Path(raw.decode() if isinstance(raw, bytes) else raw)
         if is_directory:
             # A run directory moved or copied in whole: its records got no events of their own.
-            for record in find_records(path, self.root.pattern):
+            for record in find_records(path, self.pattern):
                 self.notice(record)
         elif self._matches(path):
             self.notice(path)
+        elif (primary := self._snapshot_record(path)) is not None:
+            self.notice(primary)
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         try:

@@ -61,6 +61,7 @@ MAX_INT64 = 2**63 - 1  # MLflow stores timestamps and steps as 64-bit integers
 MAX_SEQ = 2**31 - 1  # the ledger stores seq as a 32-bit integer on every database
 
 # record_id ends up in an MLflow search filter and in file names: keep it plain.
+MLFLOW_RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9]{1,64}\Z")
 RECORD_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 
 
@@ -304,7 +305,14 @@ def _validate_run_started(obj: dict[str, Any], problems: list[str]) -> dict[str,
     if parent == record_id:
         problems.append("parent_record_id names the record itself; the run is not nested")
         parent = None
+    mlflow_run_id = _str_field(obj, "mlflow_run_id", required=False)
+    if mlflow_run_id is not None and not MLFLOW_RUN_ID_PATTERN.match(mlflow_run_id):
+        raise _FieldError(
+            f"mlflow_run_id {_clip(mlflow_run_id, 80)!r} must be 1-64 letters or digits"
+        )
+    fields: dict[str, Any] = {"mlflow_run_id": mlflow_run_id} if mlflow_run_id else {}
     return {
+        **fields,
         "record_id": record_id,
         "experiment": experiment,
         "run_name": _str_field(obj, "run_name", required=False),

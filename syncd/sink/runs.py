@@ -93,6 +93,8 @@ class Runs:
         before creating again, the run is looked up by its tag. MLflow's create
         calls are not idempotent, so they are never retried blindly.
         """
+        if spec.mlflow_run_id:
+            return self.continue_run(spec)
         with self.calls.serialised():
             experiment_id = self.experiment_id(spec.experiment)
             search = (
@@ -142,6 +144,27 @@ class Runs:
                 return ApplyResult(
                     run_id=run.info.run_id, experiment_id=experiment_id, created=True
                 )
+
+    def continue_run(self, spec: RunSpec) -> ApplyResult:
+        """The existing run a record names by ``mlflow_run_id``: never created, never tagged
+        with this record's id (the run may belong to another record that created it)."""
+        assert spec.mlflow_run_id
+        with self.calls.serialised():
+            try:
+                with self.calls.bounded("get_run", self.calls.call_deadline):
+                    run = self.calls.client.get_run(spec.mlflow_run_id)
+            except Exception as exc:
+                err = classify(exc)
+                if isinstance(err, PermanentSinkError):
+                    raise PermanentSinkError(
+                        f"mlflow_run_id {spec.mlflow_run_id}: no such run in MLflow ({err})"
+                    ) from exc
+                raise err from exc
+        self._ensure_active(run)
+        log.debug("run_continued", run_id=run.info.run_id, record_id=spec.record_id)
+        return ApplyResult(
+            run_id=run.info.run_id, experiment_id=str(run.info.experiment_id), created=False
+        )
 
     def link_parent(self, run_id: str, parent_run_id: str) -> None:
         with self.calls.serialised():

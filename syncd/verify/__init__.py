@@ -31,6 +31,7 @@ from syncd.config import Root, Settings
 from syncd.errors import ConfigError
 from syncd.logging import redact_text
 from syncd.record.reader import Checkpoint, replaced_reason
+from syncd.snapshot.derived import DerivedRecord, LocalRunDir
 from syncd.sources.local import LocalRecord
 from syncd.sources.s3 import S3Record
 from syncd.verify.compare import (
@@ -153,7 +154,7 @@ def verify_records(settings: Settings) -> tuple[VerifyTotals, Iterator[RecordRes
     view = MlflowView(settings.tracking_uri)
     ledger = LedgerView.open(settings, sink)
     totals = VerifyTotals(tracking_uri=sink, ledger=redact_text(ledger.url) if ledger else None)
-    return totals, _results(roots, view, ledger, totals, settings.timeouts.http)
+    return totals, _results(roots, view, ledger, totals, settings.timeouts.http, settings.state_dir)
 
 
 def _results(
@@ -162,13 +163,16 @@ def _results(
     ledger: LedgerView | None,
     totals: VerifyTotals,
     timeout: float,
+    state_dir: Path | None = None,
 ) -> Iterator[RecordResult]:
     from syncd.backfill import iter_records
 
     started = time.perf_counter()
     try:
         index = view.index()
-        for root, record in iter_records(roots, timeout=timeout):
+        # A snapshot root's records are what syncd derived so far (read, not derived anew).
+        records = iter_records(roots, timeout=timeout, state_dir=state_dir, read_only=True)
+        for root, record in records:
             result = verify_one(record, root.experiment, view, index, ledger)
             totals.add(result)
             totals.duration_s = round(time.perf_counter() - started, 3)
@@ -180,7 +184,7 @@ def _results(
 
 
 def verify_one(
-    record: LocalRecord | S3Record,
+    record: LocalRecord | S3Record | DerivedRecord,
     default_experiment: str | None,
     view: MlflowView,
     index: dict[str, list[RunRef]],
@@ -190,11 +194,13 @@ def verify_one(
     progress: list[Difference] = []
     try:
         try:
-            sizes: ArtifactSizes
+            sizes: ArtifactSizes | None = None
             if isinstance(record, LocalRecord):
                 sizes = partial(artifact_files, record.run_dir)
-            else:  # S3: a HEAD per file artifact, a listing per folder
+            elif isinstance(record, S3Record):  # a HEAD per file artifact, a listing per folder
                 sizes = record.artifact_sizes
+            elif isinstance(record, DerivedRecord) and isinstance(record.run_dir, LocalRunDir):
+                sizes = partial(artifact_files, record.run_dir.path)
             expected = read_expected(
                 record, default_experiment=default_experiment, artifact_sizes=sizes
             )

@@ -498,3 +498,13 @@ def test_parent_record_id_naming_the_record_itself_is_dropped() -> None:
     event = parse(json.dumps(obj).encode())
     assert event.fields["parent_record_id"] is None
     assert event.problems and "itself" in event.problems[0]
+
+
+def test_run_started_may_name_an_existing_mlflow_run() -> None:
+    event = parse(
+        raw(0, "run_started", record_id="r1", experiment="e", mlflow_run_id="0a1b2c3d4e5f"),
+        line=1,
+    )
+    assert event.fields["mlflow_run_id"] == "0a1b2c3d4e5f"
+    with pytest.raises(RecordError, match="mlflow_run_id"):
+        parse(raw(0, "run_started", record_id="r1", mlflow_run_id="../etc"), line=1)

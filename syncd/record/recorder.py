@@ -127,6 +127,27 @@ class RecordWriter:
                 self._fd = None
 
 
+# Where launchers put a process's global rank (torchrun, Lightning, Ray Train's torch
+# backend: RANK; SLURM; Open MPI; MPICH/Intel MPI), first match wins.
+GLOBAL_RANK_VARS = ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+
+
+def global_rank(env: Mapping[str, str] | None = None) -> int:
+    """This process's global rank in a distributed job, 0 when it is not in one.
+
+    ``LOCAL_RANK`` alone (a single-node launcher that sets nothing else) counts too.
+    """
+    env = os.environ if env is None else env
+    for name in (*GLOBAL_RANK_VARS, "LOCAL_RANK"):
+        value = env.get(name, "").strip()
+        if value:
+            try:
+                return int(value)
+            except ValueError:
+                raise ValueError(f"{name}={value!r} is not a rank (an integer)") from None
+    return 0
+
+
 class RunRecorder:
     """Append run events to ``<run_dir>/run_record.jsonl``.
 
@@ -136,6 +157,12 @@ class RunRecorder:
     ``run_resumed`` event), so a restarted job keeps its MLflow run.
 
     Thread-safe: events from several threads get distinct, ordered ``seq``.
+
+    ``enabled`` decides whether this process records at all: True (the default)
+    always, False never, None only on global rank 0 of a distributed job (from
+    ``RANK``, ``SLURM_PROCID``, ``OMPI_COMM_WORLD_RANK``, ``PMI_RANK`` or
+    ``LOCAL_RANK``), so every rank can run the same training code and one record
+    is written. A disabled recorder accepts every call and writes nothing.
     """
 
     def __init__(
@@ -148,7 +175,9 @@ class RunRecorder:
         description: str | None = None,
         *,
         filename: str = RECORD_FILENAME,
+        enabled: bool | None = True,
     ) -> None:
+        self.enabled = global_rank() == 0 if enabled is None else bool(enabled)
         self.run_dir = Path(run_dir).absolute()
         self.path = self.run_dir / filename
         self._experiment = experiment
@@ -166,12 +195,16 @@ class RunRecorder:
     @property
     def record_id(self) -> str:
         """The record's unique id (known once started)."""
+        if not self.enabled:
+            raise RuntimeError(f"this recorder is disabled (global rank {global_rank()})")
         if self._record_id is None:
             raise RuntimeError("the recorder has not been started")
         return self._record_id
 
     def start(self) -> RunRecorder:
         """Open the record: a new one (run_started) or an existing one (run_resumed)."""
+        if not self.enabled:
+            return self
         with self._lock:
             if self._writer.is_open:
                 return self
@@ -192,6 +225,8 @@ class RunRecorder:
         """End the run with FINISHED, FAILED or KILLED, fsync and close the record."""
         if status not in ("FINISHED", "FAILED", "KILLED"):
             raise ValueError(f"status must be FINISHED, FAILED or KILLED, not {status!r}")
+        if not self.enabled:
+            return
         with self._lock:
             if not self._writer.is_open or self._finished:
                 return
@@ -242,7 +277,8 @@ class RunRecorder:
 
     def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
         """Record a file or folder inside the run directory as an artifact."""
-        self._append("artifact", self._artifact_fields(path, artifact_path))
+        if self.enabled:
+            self._append("artifact", self._artifact_fields(path, artifact_path))
 
     def log_model(
         self,
@@ -262,6 +298,8 @@ class RunRecorder:
         ``registered_model_name`` is given, registers a model version of it (and sets
         ``alias`` on that version).
         """
+        if not self.enabled:
+            return ""
         fields = self._artifact_fields(path, None)
         folder = self.run_dir / fields["path"]
         if not folder.is_dir():
@@ -311,7 +349,8 @@ class RunRecorder:
         return self._writer.fd
 
     def _append(self, event_type: str, fields: dict[str, Any]) -> None:
-        self._writer.write(event_type, fields)
+        if self.enabled:
+            self._writer.write(event_type, fields)
 
     def _start_fields(self) -> dict[str, Any]:
         tags = {

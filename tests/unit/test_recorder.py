@@ -427,3 +427,82 @@ def test_log_model_records_the_folder_and_its_flavors(tmp_path: Path) -> None:
     assert event.fields["path"] == "model"
     assert event.fields["flavors"] == ["python_function", "sklearn"]
     assert (event.fields["registered_model_name"], event.fields["alias"]) == ("ranker", "prod")
+
+
+DDP_SCRIPT = """
+import sys
+from syncd import RunRecorder
+
+with RunRecorder(sys.argv[1], experiment="ddp", run_name="ddp", enabled=None) as rec:
+    rec.log_params({"world_size": 3})
+    for step in range(5):
+        rec.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+    print("recording" if rec.enabled else "silent")
+"""
+
+
+def test_every_rank_runs_the_same_code_and_only_rank_zero_records(tmp_path: Path) -> None:
+    """Three processes of one distributed job (RANK 0..2, as torchrun sets it) share a
+    run directory: one record, written by rank 0 alone."""
+    run_dir = tmp_path / "run"
+    procs = [
+        subprocess.run(
+            [sys.executable, "-c", DDP_SCRIPT, str(run_dir)],
+            env={**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "3"},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        for rank in (2, 1, 0)
+    ]
+    assert [p.stdout.strip() for p in procs] == ["silent", "silent", "recording"]
+    events = events_of(run_dir / "run_record.jsonl")
+    assert [e.type for e in events] == ["run_started", "params"] + ["metrics"] * 5 + [
+        "run_finished"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("env", "rank"),
+    [
+        ({}, 0),
+        ({"RANK": "3"}, 3),
+        ({"SLURM_PROCID": "1"}, 1),
+        ({"OMPI_COMM_WORLD_RANK": "2"}, 2),
+        ({"LOCAL_RANK": "1"}, 1),
+        ({"RANK": "0", "LOCAL_RANK": "1"}, 0),  # the global rank wins
+    ],
+)
+def test_global_rank_from_the_launchers_variables(env: dict[str, str], rank: int) -> None:
+    assert syncd.record.recorder.global_rank(env) == rank
+
+
+def test_a_disabled_recorder_accepts_every_call_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RANK", "1")
+    with RunRecorder(tmp_path / "run", experiment="e", enabled=None) as rec:
+        assert not rec.enabled
+        rec.log_params({"a": 1})
+        rec.log_metrics({"m": 1.0}, step=1)
+        rec.set_tags({"t": "x"})
+        rec.delete_tag("t")
+        rec.log_artifact("missing-on-this-rank.txt")
+        rec.log_input("train", "s3://bucket/train")
+        with pytest.raises(RuntimeError, match="disabled"):
+            _ = rec.record_id
+    assert not (tmp_path / "run").exists()
+    # asked explicitly, a recorder records on any rank
+    with RunRecorder(tmp_path / "run", experiment="e", enabled=True) as rec:
+        rec.log_metrics({"m": 1.0})
+    assert [e.type for e in events_of(tmp_path / "run" / "run_record.jsonl")] == [
+        "run_started",
+        "metrics",
+        "run_finished",
+    ]
+
+
+def test_a_rank_that_is_not_a_number_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RANK", "zero")
+    with pytest.raises(ValueError, match="RANK='zero' is not a rank"):
+        RunRecorder("run", experiment="e", enabled=None)

@@ -118,7 +118,7 @@ def pid_of(worker: str | None) -> int | None:
     "storage",
     [
         "local",
-        # about 75 s of work on a loaded 2-core host, after about 60 s of fixture set-up
+        # 40 to 75 s of work on a loaded 2-core host, after 20 to 60 s of fixture set-up
         pytest.param("s3", marks=pytest.mark.timeout(180)),
     ],
 )

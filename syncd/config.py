@@ -236,7 +236,8 @@ class WriterConfig(_Section):
     drain_timeout: float = Field(default=10.0, gt=0)  # seconds to flush on shutdown
     # records written at once to an MLflow server or database store (SQLite: always 1)
     concurrency: int = Field(default=4, ge=1, le=64)
-    # seconds a record's lease lasts unless renewed (every step renews it); a dead
+    # seconds a record's lease lasts unless renewed (at every step, and every ttl/3
+    # while a record is held, so one long call never outlives it); a dead
     # writer's records are taken over after this
     lease_ttl: float = Field(default=120.0, ge=1.0)
 

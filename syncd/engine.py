@@ -30,6 +30,7 @@ from syncd.errors import (
     SourceError,
     TransientSinkError,
 )
+from syncd.lease_heartbeat import LeaseHeartbeat
 from syncd.ledger import (
     BLOCKED,
     BOUND,
@@ -70,7 +71,7 @@ from syncd.sources.local import path_from_uri
 log = structlog.get_logger("syncd.engine")
 
 ARTIFACT_READ_DEADLINE = 600.0  # seconds to find and digest one artifact (a big file)
-LEASE_TTL = 120.0  # seconds a record's lease lasts unless renewed (renewed at every step)
+LEASE_TTL = 120.0  # seconds a lease lasts unless renewed (at every step, and every ttl/3)
 
 
 def worker_id(suffix: str = "") -> str:
@@ -174,6 +175,7 @@ class Engine:
         worker: str | None = None,
         lease_ttl: float = LEASE_TTL,
         locate: Callable[[str], RecordFile | None] | None = None,
+        progressing: Callable[[], bool] | None = None,
     ) -> None:
         self.ledger = ledger
         self.sink = sink
@@ -189,6 +191,9 @@ class Engine:
         self.worker = worker or worker_id()
         self.lease_ttl = lease_ttl
         self._lease: Lease | None = None
+        # Renews the held lease while one long call runs (``progressing``: the
+        # supervisor's verdict; a wedged call lets the lease expire).
+        self.heartbeat = LeaseHeartbeat(ledger, name=self.worker, progressing=progressing)
         # The record at a ledger URI (None: a source this process cannot ask), to tell
         # whether an earlier holder of a record_id still exists.
         self.locate = locate or locate_local
@@ -230,6 +235,7 @@ class Engine:
                 message=f"leased by {lease.owner} for {lease.expires_in:.0f}s more",
             )
         self._lease = lease
+        self.heartbeat.hold(lease)
         try:
             current = self.ledger.get_record(record.uri)
             if (current.version if current else 0) != (row.version if row else 0):
@@ -247,6 +253,7 @@ class Engine:
                 message=str(exc),
             )
         finally:
+            self.heartbeat.release()
             self._lease = None
             try:
                 self.ledger.release_lease(lease)
@@ -277,11 +284,18 @@ class Engine:
 
     def _commit(self, progress: Progress) -> None:
         progress.worker = self.worker
+        if self._lease is not None:
+            self.heartbeat.check()  # lost while a call ran: commit nothing
         self.ledger.commit(progress, self._lease)
 
     def _renew(self) -> None:
-        """Between chunks and before each MLflow write: still ours, for a full ttl."""
+        """Between chunks and before each MLflow write: still ours, for a full ttl.
+
+        Between these steps the heartbeat renews it (one step may be one long call);
+        a renewal of its that found the lease taken over stops the record here.
+        """
         if self._lease is not None:
+            self.heartbeat.check()
             self.ledger.renew_lease(self._lease)
 
     def _contained(

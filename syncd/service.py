@@ -244,6 +244,7 @@ class Daemon:
                 worker=worker_id(f"/w{index}"),
                 lease_ttl=settings.writer.lease_ttl,
                 locate=locate,
+                progressing=self._progressing,
             )
             writers.append((engine, sink))
         if count > 1:
@@ -256,6 +257,10 @@ class Daemon:
         self.retry_due = {}
         with self.state_lock:
             self.state.ledger_open = True
+
+    def _progressing(self) -> bool:
+        """The supervisor's verdict: held leases are renewed only while it is None."""
+        return self.supervisor.verdict() is None
 
     def _past_drain_deadline(self) -> bool:
         return self.drain_deadline is not None and time.monotonic() > self.drain_deadline

@@ -1,7 +1,9 @@
 """A fleet: three `syncd run` over shared roots, one PostgreSQL ledger, one `mlflow server`.
 
-PostgreSQL (127.0.0.1:5432) is the MLflow backend store and the shared ledger; a
-shared local folder stands in for shared storage. The three daemons start at the
+PostgreSQL (127.0.0.1:5432) is the MLflow backend store and the shared ledger; the
+shared roots are a local folder standing in for shared storage, or an
+``s3://bucket/prefix`` on moto's server where each record is written locally and
+uploaded whole after every change (as a writer on S3 does). The three daemons start at the
 same instant, records grow while they run, and one daemon is SIGKILLed while it
 holds a record's lease. Every record must be mirrored exactly once (one run per
 record, exact metric points, artifacts, parent links), the survivors must keep
@@ -22,6 +24,7 @@ import pytest
 from daemon_helpers import SyncdProcess, wait_for
 from helpers import artifact_files, line, runs_by_record, started
 from mlflow_server import MlflowServerProcess, unique_experiment
+from moto_s3 import Bucket
 from pg import throwaway_database
 
 from syncd.backfill import sink_key
@@ -35,6 +38,7 @@ ROUNDS = 6
 STEPS_PER_ROUND = 150
 KEYS = ("loss", "acc")
 LEASE_TTL = 4.0
+S3_POLL = 0.3  # seconds between listings of the s3:// root
 
 
 @pytest.fixture
@@ -58,11 +62,21 @@ def pg_mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mlflo
 class Record:
     """One training run's record file, appended to in rounds like a trainer would."""
 
-    def __init__(self, root: Path, record_id: str, experiment: str, parent: str | None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        record_id: str,
+        experiment: str,
+        parent: str | None,
+        bucket: Bucket | None = None,
+    ) -> None:
         self.dir = root / record_id
         self.dir.mkdir(parents=True)
         self.path = self.dir / "run_record.jsonl"
         self.record_id = record_id
+        self.bucket = bucket  # None: the shared folder is the root; else uploaded whole
+        self.key = f"{root.name}/{record_id}"
+        self.uri = bucket.uri(f"{self.key}/run_record.jsonl") if bucket else self.path.as_uri()
         self.seq = 0
         extra = {"parent_record_id": parent} if parent else {}
         self._append([started(record_id, experiment, **extra)])
@@ -71,6 +85,8 @@ class Record:
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write("".join(lines))
             fh.flush()
+        if self.bucket is not None:
+            self.bucket.put(f"{self.key}/run_record.jsonl", self.path.read_bytes())
 
     def grow(self, round_: int) -> None:
         lines = []
@@ -82,6 +98,8 @@ class Record:
             )
         if round_ == 2:
             (self.dir / "model.txt").write_text(f"weights of {self.record_id}\n")
+            if self.bucket is not None:  # the file first, then the line that names it
+                self.bucket.put(f"{self.key}/model.txt", (self.dir / "model.txt").read_bytes())
             self.seq += 1
             lines.append(line(self.seq, "artifact", path="model.txt"))
         self._append(lines)
@@ -96,20 +114,35 @@ def pid_of(worker: str | None) -> int | None:
     return int(match.group(1)) if match else None
 
 
+@pytest.mark.parametrize(
+    "storage",
+    [
+        "local",
+        # 40 to 75 s of work on a loaded 2-core host, after 20 to 60 s of fixture set-up
+        pytest.param("s3", marks=pytest.mark.timeout(180)),
+    ],
+)
 def test_three_daemons_share_the_work_and_survive_a_kill(
-    tmp_path: Path, ledger_url: str, pg_mlflow_server: MlflowServerProcess
+    tmp_path: Path,
+    ledger_url: str,
+    pg_mlflow_server: MlflowServerProcess,
+    storage: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     from mlflow.tracking import MlflowClient
 
     sa = pytest.importorskip("sqlalchemy")
-    experiment = unique_experiment("fleet")
+    experiment = unique_experiment(f"fleet-{storage}")
     root = tmp_path / "shared"
+    bucket: Bucket | None = request.getfixturevalue("bucket") if storage == "s3" else None
+    # the daemons' root: the shared folder, or the same prefix on S3
+    watched = bucket.uri(root.name) if bucket else str(root)
     records: list[Record] = []
     for p in range(PARENTS):  # children first: they are linked once their parent is bound
         for c in range(CHILDREN):
-            records.append(Record(root, f"p{p}-c{c}", experiment, parent=f"p{p}"))
+            records.append(Record(root, f"p{p}-c{c}", experiment, f"p{p}", bucket))
     for p in range(PARENTS):
-        records.append(Record(root, f"p{p}", experiment, parent=None))
+        records.append(Record(root, f"p{p}", experiment, None, bucket))
 
     daemons: list[SyncdProcess] = []
     for n in range(3):
@@ -122,9 +155,9 @@ def test_three_daemons_share_the_work_and_survive_a_kill(
                     "tracking_uri": pg_mlflow_server.uri,
                     "ledger_url": ledger_url,
                     "state_dir": str(folder / "state"),
-                    "roots": [{"path": str(root)}],
+                    "roots": [{"path": watched}],
                     "writer": {"concurrency": 2, "lease_ttl": LEASE_TTL},
-                    "watch": {"rescan_interval": 2.0},
+                    "watch": {"rescan_interval": 2.0, "s3_poll_interval": S3_POLL},
                 }
             )
         )
@@ -167,7 +200,7 @@ def test_three_daemons_share_the_work_and_survive_a_kill(
         def all_synced() -> bool:
             rows = ledger.all_records()
             return all(
-                (row := rows.get(r.path.as_uri())) is not None
+                (row := rows.get(r.uri)) is not None
                 and row.state == SYNCED
                 and row.offset == r.path.stat().st_size
                 for r in records
@@ -196,7 +229,7 @@ def test_three_daemons_share_the_work_and_survive_a_kill(
         # the ledger: each record bound once, each line committed once, work shared
         writers_of: dict[str, set[int | None]] = {}
         for record in records:
-            events = ledger.events_of(record.path.as_uri())
+            events = ledger.events_of(record.uri)
             assert [e["kind"] for e in events].count("bound") == 1, events
             applied = [e for e in events if e["kind"] == "applied"]
             assert sum(e["metric_points"] for e in applied) == points * len(KEYS), applied

@@ -12,6 +12,7 @@ from helpers import line, started, write_record
 from pg import throwaway_database
 
 from syncd.engine import Engine
+from syncd.lease_heartbeat import LeaseHeartbeat
 from syncd.ledger import SYNCED, Lease, LeaseHolder, LeaseLost, Ledger, Progress, RecordRow
 from syncd.sources.local import LocalRecord
 from tests.unit.test_engine_states import FakeSink
@@ -142,3 +143,47 @@ def test_a_lease_of_a_dead_process_of_this_host_is_taken_over_at_once(ledger: Le
     ledger.release_lease(restarted)
     assert isinstance(ledger.acquire_lease(SOURCE, elsewhere, ttl=600), Lease)
     assert isinstance(ledger.acquire_lease(SOURCE, alive, ttl=30), LeaseHolder)
+
+
+def test_the_heartbeat_keeps_a_held_lease_and_reports_one_taken_over(ledger: Ledger) -> None:
+    progressing = threading.Event()
+    progressing.set()
+    mine = ledger.acquire_lease(SOURCE, "host:1:a", ttl=1.0)
+    assert isinstance(mine, Lease)
+    beat = LeaseHeartbeat(ledger, name="a", progressing=progressing.is_set)
+    beat.hold(mine)
+    wait_for(lambda: beat.renewals >= 4, 10, what="renewals past the ttl")
+    assert isinstance(ledger.acquire_lease(SOURCE, "host:2:b", ttl=30), LeaseHolder)
+    beat.check()  # still ours
+    # a wedged worker (no progress) is not renewed: the lease expires and is taken over
+    progressing.clear()
+
+    def taken() -> Lease | None:
+        got = ledger.acquire_lease(SOURCE, "host:2:b", ttl=30)
+        return got if isinstance(got, Lease) else None
+
+    theirs = wait_for(taken, 10, what="the unrenewed lease taken over")
+    progressing.set()
+    wait_for(lambda: _raises_lost(beat), 10, what="the heartbeat finding the lease lost")
+    held = ledger.lease_of(SOURCE)
+    assert held is not None and held[0] == theirs.owner  # a lost lease is not renewed back
+    beat.release()
+    ledger.release_lease(theirs)
+    # a new hold after a loss starts clean
+    again = ledger.acquire_lease(SOURCE, "host:1:a", ttl=1.0)
+    assert isinstance(again, Lease)
+    before = beat.renewals
+    beat.hold(again)
+    wait_for(lambda: beat.renewals > before, 10, what="renewals of the new lease")
+    beat.check()
+    beat.release()
+    ledger.release_lease(again)
+    assert ledger.lease_of(SOURCE) is None
+
+
+def _raises_lost(beat: LeaseHeartbeat) -> bool:
+    try:
+        beat.check()
+    except LeaseLost:
+        return True
+    return False

@@ -227,12 +227,15 @@ class SpoolUploader:
         with self._locked() as state:
             files: dict[str, Any] = state["files"]
             for record in sorted(self.spool.glob(f"*/*/{RECORD_FILENAME}")):
+                # the record is read first: every file its lines name exists by then
+                # (a line naming a file is written after the file) and goes up first
+                data = complete_lines(record)
                 run_dir = record.parent
                 for folder in RUN_FOLDERS:
                     for path in sorted((run_dir / folder).rglob("*")):
                         if path.is_file():
                             put += self._file(files, path)
-                put += self._record(files, record)
+                put += self._record(files, record, data)
             put += self._experiments(files)
         return put
 
@@ -249,9 +252,8 @@ class SpoolUploader:
         files[rel] = mark
         return 1
 
-    def _record(self, files: dict[str, Any], path: Path) -> int:
+    def _record(self, files: dict[str, Any], path: Path, data: bytes) -> int:
         rel = self._rel(path)
-        data = complete_lines(path)
         if not data or files.get(rel) == len(data):
             return 0
         self.client.put_object(Bucket=self.bucket, Key=self.key(rel), Body=data)

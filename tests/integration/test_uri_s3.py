@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -159,6 +160,7 @@ def test_s3_down_during_training_never_blocks_and_the_spool_sends_it_later(
     # S3 refuses connections (nothing listens on the port) for the whole training run
     down = {**common, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
     printed, took = run_script(workdir / "train", down)
+    print(f"training with S3 down took {took:.1f} s")
     # two run ends and interpreter exit, each waiting at most 2 s, plus start-up
     assert took < 30
     assert "Contents" not in bucket.client.list_objects_v2(Bucket=bucket.name)
@@ -166,7 +168,7 @@ def test_s3_down_during_training_never_blocks_and_the_spool_sends_it_later(
     assert len(records) == 2
 
     # any later process on the same spool with S3 back uploads what is pending
-    touch = "import mlflow; mlflow.get_experiment_by_name('s3-sweep')\nprint('{}')"
+    touch = "import mlflow; mlflow.search_experiments()\nprint('{}')"
     run_script(workdir / "later", common, touch)
     keys = {o["Key"] for o in bucket.client.list_objects_v2(Bucket=bucket.name)["Contents"]}
     assert sum(k.endswith("/run_record.jsonl") for k in keys) == 2
@@ -181,3 +183,22 @@ def test_s3_down_during_training_never_blocks_and_the_spool_sends_it_later(
     exp_id = mirror.get_experiment_by_name("s3-sweep").experiment_id
     found = mirror.search_runs([exp_id], f"tags.`syncd.record_id` = '{printed['parent']}'")
     assert len(found) == 1
+
+
+def test_an_s3_that_never_answers_delays_each_run_end_only_by_the_timeout(
+    bucket: Bucket, workdir: Path
+) -> None:
+    """Connections are accepted but never answered (S3 reads time out after 30 s)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        env = {
+            "MLFLOW_TRACKING_URI": f"syncd:s3://{bucket.name}/silent",
+            "SYNCD_SPOOL_DIR": str(workdir / "spool"),
+            "SYNCD_UPLOAD_TIMEOUT": "1",
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{silent.getsockname()[1]}",
+        }
+        _, took = run_script(workdir / "train", env)
+    # two run ends and the exit wait 1 s each; one unbounded wait would take 30 s
+    assert took < 25
+    assert len(list((workdir / "spool").glob("*/silent/*/*/run_record.jsonl"))) == 2

@@ -124,3 +124,30 @@ def test_the_spool_is_keyed_by_bucket_and_prefix(tmp_path: Path) -> None:
     assert spool_dir("b", "runs/x", env) == tmp_path / "b" / "runs" / "x"
     assert spool_dir("b", "", env) == tmp_path / "b"
     assert spool_dir("b", "runs", {}).parts[-3:] == ("syncd-spool", "b", "runs")
+
+
+def test_the_upload_spool_command_sends_what_is_pending(
+    bucket: Bucket, tmp_path: Path, monkeypatch: Any
+) -> None:
+    from typer.testing import CliRunner
+
+    from syncd.cli import app
+
+    monkeypatch.setenv("SYNCD_SPOOL_DIR", str(tmp_path))
+    write(tmp_path / bucket.name / "runs" / RUN / "run_record.jsonl", b'{"n":1}\n')
+    uri = f"syncd:s3://{bucket.name}/runs"
+
+    with monkeypatch.context() as down:
+        down.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+        failed = CliRunner().invoke(app, ["upload-spool", uri])
+    assert failed.exit_code == 1 and "the spool keeps it" in failed.stderr
+
+    sent = CliRunner().invoke(app, ["upload-spool", uri])
+    assert sent.exit_code == 0, sent.stderr
+    assert "uploaded 1 object" in sent.stdout
+    assert bucket.get(f"runs/{RUN}/run_record.jsonl") == b'{"n":1}\n'
+    again = CliRunner().invoke(app, ["upload-spool", bucket.uri("runs")])
+    assert "uploaded 0 object" in again.stdout
+
+    missing = CliRunner().invoke(app, ["upload-spool", f"s3://{bucket.name}/nothing-here"])
+    assert missing.exit_code == 2 and "no spool" in missing.stderr

@@ -132,6 +132,13 @@ class SpoolUploader:
         self._thread: threading.Thread | None = None
         self._failures = 0
         self.last_error: str | None = None
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self) -> None:
+        """A forked child has no upload thread: it starts its own when it needs one."""
+        self._thread = None
+        self._wake = threading.Condition()
+        self._requested = self._served = 0
 
     # -- the thread --------------------------------------------------------------------
 
@@ -229,6 +236,9 @@ class SpoolUploader:
             for record in sorted(self.spool.glob(f"*/*/{RECORD_FILENAME}")):
                 # the record is read first: every file its lines name exists by then
                 # (a line naming a file is written after the file) and goes up first
+                uploaded = files.get(self._rel(record))
+                if uploaded is not None and record.stat().st_size == uploaded:
+                    continue  # unchanged since its last upload: its files went up before it
                 data = complete_lines(record)
                 run_dir = record.parent
                 for folder in RUN_FOLDERS:

@@ -52,7 +52,9 @@ TRAIN = textwrap.dedent(
 NOISE_TAGS = {"mlflow.parentRunId", "mlflow.source.git.commit", "mlflow.source.git.branch"}
 
 
-def run_script(cwd: Path, env: dict[str, str], script: str = TRAIN) -> tuple[dict[str, Any], float]:
+def run_script(
+    cwd: Path, env: dict[str, str], script: str = TRAIN
+) -> tuple[dict[str, Any], float, str]:
     cwd.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
     out = subprocess.run(
@@ -66,7 +68,7 @@ def run_script(cwd: Path, env: dict[str, str], script: str = TRAIN) -> tuple[dic
     )
     took = time.monotonic() - began
     assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout.strip().splitlines()[-1]), took
+    return json.loads(out.stdout.strip().splitlines()[-1]), took, out.stderr
 
 
 def by_name(client: MlflowClient, experiment: str) -> dict[str, Any]:
@@ -125,7 +127,7 @@ def test_training_through_syncd_s3_is_mirrored_by_backfill(
         "MLFLOW_TRACKING_URI": f"syncd:s3://{bucket.name}/runs",
         "SYNCD_SPOOL_DIR": str(spool),
     }
-    printed, _ = run_script(workdir / "through", env)
+    printed, _, _ = run_script(workdir / "through", env)
 
     keys = sorted(o["Key"] for o in bucket.client.list_objects_v2(Bucket=bucket.name)["Contents"])
     assert "runs/experiments.json" in keys
@@ -159,8 +161,8 @@ def test_s3_down_during_training_never_blocks_and_the_spool_sends_it_later(
     }
     # S3 refuses connections (nothing listens on the port) for the whole training run
     down = {**common, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
-    printed, took = run_script(workdir / "train", down)
-    print(f"training with S3 down took {took:.1f} s")
+    printed, took, stderr = run_script(workdir / "train", down)
+    assert "the spool keeps them for the next upload" in stderr
     # two run ends and interpreter exit, each waiting at most 2 s, plus start-up
     assert took < 30
     assert "Contents" not in bucket.client.list_objects_v2(Bucket=bucket.name)
@@ -198,7 +200,7 @@ def test_an_s3_that_never_answers_delays_each_run_end_only_by_the_timeout(
             "SYNCD_UPLOAD_TIMEOUT": "1",
             "AWS_ENDPOINT_URL": f"http://127.0.0.1:{silent.getsockname()[1]}",
         }
-        _, took = run_script(workdir / "train", env)
+        _, took, _ = run_script(workdir / "train", env)
     # two run ends and the exit wait 1 s each; one unbounded wait would take 30 s
     assert took < 25
     assert len(list((workdir / "spool").glob("*/silent/*/*/run_record.jsonl"))) == 2

@@ -416,6 +416,48 @@ def check_mapping(
             raise typer.Exit(EXIT_RECORD_ERRORS)
 
 
+@app.command("upload-spool")
+def upload_spool(
+    uri: Annotated[
+        str,
+        typer.Argument(
+            help="s3://bucket/prefix (or the syncd:s3://bucket/prefix tracking URI).",
+            show_default=False,
+        ),
+    ],
+) -> None:
+    """Upload what this host's spool of a syncd:s3:// tracking URI still holds, then exit.
+
+    The spool is the one training processes use ($SYNCD_SPOOL_DIR, else the system
+    temp folder, then <bucket>/<prefix>). Exit code 1 when S3 could not take it all:
+    the spool keeps it for the next attempt.
+    """
+    from syncd.sources.s3 import split_uri
+    from syncd.uri_upload import SpoolUploader, spool_dir
+
+    with _user_errors():
+        target = uri.removeprefix("syncd:")
+        try:
+            bucket, prefix = split_uri(target)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if not bucket:
+            raise ConfigError(f"{uri!r} names no bucket")
+        folder = spool_dir(bucket, prefix)
+        if not folder.is_dir():
+            raise ConfigError(f"no spool for {target} at {folder}")
+        try:
+            count = SpoolUploader(folder, bucket, prefix).upload_pass()
+        except Exception as exc:
+            typer.echo(
+                f"syncd: uploading {folder} to {target} failed: {type(exc).__name__}: {exc};"
+                " the spool keeps it",
+                err=True,
+            )
+            raise typer.Exit(EXIT_RECORD_ERRORS) from None
+        typer.echo(f"uploaded {count} object(s) from {folder} to {target}")
+
+
 @app.command()
 def status(
     config: ConfigOpt = None,

@@ -6,6 +6,9 @@ tiny: the standard library only, and the store (which imports MLflow's
 internals) is imported inside the builder, when a ``syncd:`` URI is used.
 The same holds for the model registry builder (``mlflow.model_registry_store``),
 which MLflow uses for a ``syncd:`` URI when no ``MLFLOW_REGISTRY_URI`` is set.
+
+``syncd:s3://bucket/prefix`` writes into a local spool folder that a background
+thread uploads to the prefix (see :mod:`syncd.uri_upload`).
 """
 
 from __future__ import annotations
@@ -38,8 +41,8 @@ def root_of(store_uri: str) -> Path:
     rest = store_uri[len(SCHEME) + 1 :]
     if "://" in rest and not rest.startswith("//"):
         raise ValueError(
-            f"{store_uri!r}: only local roots are supported by the syncd: tracking URI"
-            " (syncd:///absolute/path or syncd:relative/path)"
+            f"{store_uri!r}: the syncd: tracking URI takes a local root"
+            " (syncd:///absolute/path or syncd:relative/path) or syncd:s3://bucket/prefix"
         )
     if parts.netloc:
         raise ValueError(
@@ -52,21 +55,43 @@ def root_of(store_uri: str) -> Path:
     return Path(os.path.abspath(path))
 
 
+def s3_of(store_uri: str) -> tuple[str, str] | None:
+    """``(bucket, prefix)`` for ``syncd:s3://bucket/prefix``; None for any other URI."""
+    rest = store_uri[len(SCHEME) + 1 :] if store_uri.startswith(SCHEME + ":") else ""
+    if not rest.lower().startswith("s3://"):
+        return None
+    parts = urlsplit(rest)
+    if parts.query or parts.fragment:
+        raise ValueError(f"a syncd: URI takes no query or fragment: {store_uri!r}")
+    if not parts.netloc:
+        raise ValueError(f"{store_uri!r} names no bucket: write syncd:s3://bucket/prefix")
+    prefix = "/".join(p for p in unquote(parts.path).split("/") if p)
+    if any(p in (".", "..") for p in prefix.split("/")):
+        raise ValueError(f"{store_uri!r}: the prefix may not contain . or .. segments")
+    return parts.netloc, prefix
+
+
 def build_store(store_uri: str, artifact_uri: str | None = None) -> Any:
     """Builder MLflow calls for a ``syncd:`` tracking URI: one store per root folder."""
     try:
-        root = root_of(store_uri)
+        s3 = s3_of(store_uri)
+        root = None if s3 else root_of(store_uri)
     except ValueError as exc:
         from mlflow.exceptions import MlflowException
 
         raise MlflowException(str(exc)) from None
+    if s3 is not None:
+        from syncd.uri_upload import spool_dir
+
+        root = spool_dir(*s3)
+    assert root is not None
     with _stores_lock:
         store = _stores.get(root)
         if store is None:
             from syncd.uri_store import SyncdStore
 
             factory: Any = SyncdStore  # MLflow's unenforced abstract methods are refused there
-            store = factory(root)
+            store = factory(root, s3=s3)
             _stores[root] = store
             _log.info("syncd: tracking URI %s writes run records under %s", store_uri, root)
         return store

@@ -24,14 +24,24 @@ makes it active (the next run would land in "Default"). So a process that was
 told the name is absent and then finds it created by someone else gets that
 experiment's id, as if its own create had won.
 
+``syncd:s3://bucket/prefix`` roots: the store writes into a local spool folder
+(:func:`syncd.uri_upload.spool_dir`) that a :class:`~syncd.uri_upload.SpoolUploader`
+thread copies to the prefix; the end of a run and interpreter exit wait a
+bounded time for an upload. Experiment ids there are derived from the name
+(:func:`derived_experiment_id`), so hosts sharing a prefix agree without
+coordination.
+
 Any ``AbstractStore`` call this store cannot serve raises ``MlflowException``
 naming the call and what to use instead; none returns None silently.
 """
 
 from __future__ import annotations
 
+import atexit
 import fcntl
+import hashlib
 import json
+import logging
 import os
 import re
 import threading
@@ -85,6 +95,7 @@ from mlflow.utils.validation import (
 from syncd.errors import RecordError
 from syncd.record.events import RECORD_FILENAME, parse_line
 from syncd.record.recorder import RecordWriter, _metric_value
+from syncd.uri_upload import DEFAULT_FLUSH_TIMEOUT, DEFAULT_INTERVAL, SpoolUploader, env_seconds
 
 DEFAULT_EXPERIMENT_ID = "0"
 DEFAULT_EXPERIMENT_NAME = "Default"
@@ -97,6 +108,7 @@ MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # set by the daemon's own registrat
 CONTEXT_TAG = "mlflow.data.context"
 _FINAL = frozenset({"FINISHED", "FAILED", "KILLED"})
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_log = logging.getLogger("syncd.mlflow")
 
 _SERVER_HINT = (
     "the syncd: tracking URI only records runs, which the syncd daemon mirrors into MLflow;"
@@ -121,6 +133,11 @@ def _slug(name: str, limit: int = 80) -> str:
     return slug[:limit]
 
 
+def derived_experiment_id(name: str) -> str:
+    """A stable numeric id for an experiment name (S3 roots: the same on every host)."""
+    return str(int(hashlib.sha256(name.encode("utf-8")).hexdigest()[:15], 16) or 1)
+
+
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -136,8 +153,9 @@ class _Experiments:
     processes creating the same experiment at once agree on one id.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, derived_ids: bool = False) -> None:
         self.root = root
+        self.derived_ids = derived_ids
         self.path = root / EXPERIMENTS_FILE
         self._lock = threading.Lock()
         self._data: dict[str, Any] = {}
@@ -205,8 +223,11 @@ class _Experiments:
             for exp_id, exp in data["experiments"].items():
                 if exp["name"] == name:
                     return str(exp_id), False
-            exp_id = str(data["next_id"])
-            data["next_id"] += 1
+            if self.derived_ids:
+                exp_id = derived_experiment_id(name)
+            else:
+                exp_id = str(data["next_id"])
+                data["next_id"] += 1
             used = {exp["dir"] for exp in data["experiments"].values()}
             folder = _slug(name)
             if folder in used or folder == ARTIFACTS_FOLDER:
@@ -484,16 +505,45 @@ INHERITED = frozenset(
 class SyncdStore(AbstractStore):
     """An MLflow tracking store that writes run records under one root folder."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, s3: tuple[str, str] | None = None) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.root = root
-        self.experiments = _Experiments(root)
+        self.experiments = _Experiments(root, derived_ids=s3 is not None)
+        self.uploader: SpoolUploader | None = None
+        if s3 is not None:
+            self.uploader = SpoolUploader(
+                root, *s3, interval=env_seconds("SYNCD_UPLOAD_INTERVAL", DEFAULT_INTERVAL)
+            )
+            self.uploader.start()
+            atexit.register(self.flush_uploads)
         # names this process was told are absent, and when (see the module docstring)
         self._absent: dict[str, float] = {}
         self._absent_lock = threading.Lock()
         self._runs: dict[str, _Run] = {}
         self._runs_lock = threading.Lock()
         self._model_runs: dict[str, str] = {}  # model id -> run id
+
+    def flush_uploads(self) -> bool:
+        """S3 roots: upload what the spool holds, waiting at most ``SYNCD_UPLOAD_TIMEOUT`` s.
+
+        True when everything is uploaded; False (logged, never raised) when S3
+        could not be reached in time: the spool keeps it for a later upload.
+        """
+        if self.uploader is None:
+            return True
+        timeout = env_seconds("SYNCD_UPLOAD_TIMEOUT", DEFAULT_FLUSH_TIMEOUT)
+        ok = self.uploader.flush(timeout)
+        if not ok:
+            _log.warning(
+                "syncd: run records under %s not uploaded to s3://%s/%s within %ss (%s);"
+                " the spool keeps them for the next upload",
+                self.root,
+                self.uploader.bucket,
+                self.uploader.prefix,
+                timeout,
+                self.uploader.last_error or "still uploading",
+            )
+        return ok
 
     # -- experiments ---------------------------------------------------------------
 
@@ -782,6 +832,15 @@ class SyncdStore(AbstractStore):
     ) -> RunInfo:
         status = run_status if isinstance(run_status, str) else RunStatus.to_string(run_status)
         run = self._run(run_id)
+        try:
+            return self._update_run_info(run, run_id, status, end_time, run_name)
+        finally:
+            if status in _FINAL:
+                self.flush_uploads()
+
+    def _update_run_info(
+        self, run: _Run, run_id: str, status: str, end_time: int | None, run_name: str | None
+    ) -> RunInfo:
         with run.lock:
             info = run.run_info()
             run.ensure_open()

@@ -56,7 +56,12 @@ def test_absolute_and_relative_spellings_are_one_store(
 
 @pytest.mark.parametrize(
     ("uri", "reason"),
-    [("syncd://host/runs", "three slashes"), ("syncd:s3://bucket/p", "only local roots")],
+    [
+        ("syncd://host/runs", "three slashes"),
+        ("syncd:gs://bucket/p", "takes a local root"),
+        ("syncd:s3:///p", "names no bucket"),
+        ("syncd:s3://bucket/a/../p", r"\.\. segments"),
+    ],
 )
 def test_unsupported_uris_fail_clearly(uri: str, reason: str) -> None:
     with pytest.raises(MlflowException, match=reason):

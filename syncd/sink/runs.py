@@ -6,7 +6,7 @@ from typing import Any
 
 import structlog
 
-from syncd.errors import PermanentSinkError, TransientSinkError
+from syncd.errors import PermanentSinkError, SinkAccessDenied, TransientSinkError
 from syncd.projection import PARENT_RUN_TAG, RECORD_ID_TAG, RunSpec
 from syncd.sink.calls import Calls, classify
 from syncd.sink.results import ApplyResult
@@ -39,7 +39,8 @@ class Runs:
         exp = self.calls.call(
             "get_experiment_by_name", self.calls.client.get_experiment_by_name, name
         )
-        if exp is None:
+        attempt = 0
+        while exp is None:
             try:
                 location = (
                     f"{self.artifact_root.rstrip('/')}/{_folder_name(name)}"
@@ -48,18 +49,25 @@ class Runs:
                 )
                 exp_id = self.calls.client.create_experiment(name, artifact_location=location)
                 self._created_experiments.add(str(exp_id))
+                break
             except Exception as exc:
                 err = classify(exc)
                 if isinstance(err, TransientSinkError):
+                    # MLflow's client does not retry a create: wait and look again (a
+                    # create whose reply was lost may have happened), then create again.
+                    if attempt + 1 >= self.calls.retry.attempts:
+                        raise err from exc
+                    self.calls.note_retry("create_experiment", attempt, err)
+                    attempt += 1
+                elif isinstance(err, SinkAccessDenied):
                     raise err from exc
                 # Someone else created it between our lookup and create: use theirs.
                 exp = self.calls.call(
                     "get_experiment_by_name", self.calls.client.get_experiment_by_name, name
                 )
-                if exp is None:
+                if exp is None and not isinstance(err, TransientSinkError):
                     raise err from exc
-                exp_id = exp.experiment_id
-        else:
+        if exp is not None:
             if exp.lifecycle_stage == LifecycleStage.DELETED:
                 raise PermanentSinkError(
                     f"experiment {name!r} is deleted in MLflow; restore it"

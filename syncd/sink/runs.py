@@ -29,6 +29,9 @@ class Runs:
         self._created_experiments: set[str] = set()
         self._uncertain: set[str] = set()
         self._created_runs: set[str] = set()
+        # Records the last find_run found no run for (the engine looks under the record's
+        # lease just before resolving it): a second search right after would ask again.
+        self._absent: set[tuple[str, str]] = set()
 
     def experiment_id(self, name: str) -> str:
         cached = self._experiments.get(name)
@@ -91,6 +94,8 @@ class Runs:
             max_results=2,
             order_by=["attributes.start_time ASC"],
         )
+        if not found:
+            self._absent.add((experiment_id, record_id))
         return found[0] if found else None
 
     def resolve_run(self, spec: RunSpec, parent_run_id: str | None) -> ApplyResult:
@@ -103,10 +108,12 @@ class Runs:
         """
         with self.calls.serialised():
             experiment_id = self.experiment_id(spec.experiment)
+            just_searched = (experiment_id, spec.record_id) in self._absent
+            self._absent.clear()  # only the search made for this very resolve counts
             search = (
                 spec.record_id in self._uncertain
                 or spec.record_id in self._created_runs
-                or experiment_id not in self._created_experiments
+                or (experiment_id not in self._created_experiments and not just_searched)
             )
             tags = dict(spec.tags)
             if parent_run_id:

@@ -9,7 +9,9 @@
      ├── SourceError            a record source (an s3:// root) cannot be read now
      └── SinkError              MLflow (or its artifact store) refused or failed a write
           ├── TransientSinkError  worth retrying: unreachable, 5xx, "database is locked"
+          │    └── ThrottledSinkError  429 Too Many Requests (with the server's Retry-After)
           └── PermanentSinkError  retrying cannot help: invalid value, deleted run
+               └── SinkAccessDenied  credentials or the server's TLS certificate refused
 
 Every failure a user can meet ends as one of these; the CLI turns them into a
 one-line message and an exit code, never a traceback.
@@ -78,3 +80,17 @@ class TransientSinkError(SinkError):
 
 class PermanentSinkError(SinkError):
     """A failure retrying cannot fix: an invalid value, a deleted run or experiment."""
+
+
+class ThrottledSinkError(TransientSinkError):
+    """The server asked to slow down (HTTP 429); ``retry_after`` is its Retry-After, if known."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class SinkAccessDenied(PermanentSinkError):
+    """MLflow refused syncd's credentials (401, 403), or syncd refused the server's TLS
+    certificate. Nothing about the record is wrong: no entry is ever reported as refused
+    for it, the record waits as ``failed`` until the configuration is fixed."""

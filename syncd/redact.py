@@ -6,6 +6,7 @@ happens to hold never reaches the ledger, ``syncd status`` or a summary.
 
 from __future__ import annotations
 
+import os
 import re
 
 # The password runs to the LAST '@' of the authority (passwords may hold '@' and '/').
@@ -27,8 +28,26 @@ _QUERY_SECRET = re.compile(
 )
 
 
+# Secrets syncd's clients read from the environment: their values are removed wherever
+# they appear, even bare (a server that quotes a refused token back in its error body).
+SECRET_ENV = (
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_PASSWORD",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "DATABRICKS_TOKEN",
+    "DATABRICKS_CLIENT_SECRET",
+)
+_MIN_SECRET_LEN = 6  # shorter values would blank out ordinary words
+
+
 def redact_text(text: str) -> str:
-    """Remove passwords in URIs, AWS access keys, bearer tokens and signed-URL secrets."""
+    """Remove passwords in URIs, AWS access keys, bearer tokens, signed-URL secrets and
+    the values of the secret environment variables (:data:`SECRET_ENV`)."""
+    for name in SECRET_ENV:
+        value = os.environ.get(name, "")
+        if len(value) >= _MIN_SECRET_LEN and value in text:
+            text = text.replace(value, "***")
     text = _URI_PASSWORD.sub(r"\g<head>:***@", text)
     text = _KEY_VALUE_SECRET.sub(r"\1\2***", text)
     text = _AWS_KEY.sub(r"\1****************", text)

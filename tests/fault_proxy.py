@@ -12,6 +12,11 @@ very next call). Faults can be switched at run time from any thread:
   (TEMPORARILY_UNAVAILABLE) without reaching the upstream;
   :meth:`FaultProxy.fail_with` answers another status with a given body (an S3
   XML error such as ``ExpiredToken``).
+- :meth:`FaultProxy.throttle`: every Nth matching call is answered 429 (Too Many
+  Requests, with a ``Retry-After`` header) without reaching the upstream.
+- :meth:`FaultProxy.require_authorization`: a call whose ``Authorization`` header
+  is not the expected one is answered 401, like an authenticating reverse proxy.
+- ``FaultProxy(port, tls=context)``: the proxy terminates TLS (an ``https://`` URL).
 - :meth:`FaultProxy.lose_replies`: every Nth matching call is forwarded, the
   upstream's reply is read, and the client connection is reset without an answer:
   the upstream applied the call, the client cannot know.
@@ -28,6 +33,7 @@ from __future__ import annotations
 import http.client
 import re
 import socket
+import ssl
 import struct
 import threading
 from collections import Counter
@@ -62,6 +68,8 @@ class Fault(Enum):
     STALL = "stall"
     ERROR_503 = "503"
     ERROR = "error"  # another status than 503, with the rule's body
+    ERROR_429 = "429"
+    UNAUTHORIZED = "401"
     LOSE_REPLY = "lose_reply"
 
 
@@ -77,6 +85,7 @@ class Rule:
     methods: frozenset[str] | None = None  # HTTP methods that match (None: every method)
     reply: tuple[str, bytes] | None = None  # ERROR_503: (content type, body) instead of JSON
     status: tuple[int, str] = (503, "Service Unavailable")  # ERROR: the status answered
+    retry_after: str | None = None  # ERROR_429: the Retry-After header's value
     released: threading.Event = field(default_factory=threading.Event)
     matched: int = 0
     _bodies: set[bytes] = field(default_factory=set)
@@ -102,6 +111,8 @@ class _Decision:
     error: bool = False  # answered by the proxy (503 or the rule's status)
     reply: tuple[str, bytes] | None = None
     status: tuple[int, str] = (503, "Service Unavailable")
+    throttled: Rule | None = None
+    unauthorized: bool = False
     lose_reply: bool = False
 
 
@@ -123,8 +134,17 @@ class _Server(ThreadingHTTPServer):
 class FaultProxy:
     """A switchable fault-injecting proxy on 127.0.0.1 in front of ``upstream_host:upstream_port``."""
 
-    def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        upstream_port: int,
+        upstream_host: str = "127.0.0.1",
+        *,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        """``tls``: a server-side context; the proxy then speaks HTTPS to its clients."""
         self.upstream = (upstream_host, upstream_port)
+        self.tls = tls
+        self._authorization: str | None = None
         self._lock = threading.Lock()
         self._rules: list[Rule] = []
         self._resetting = False
@@ -140,10 +160,14 @@ class FaultProxy:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def _listen(self) -> None:
         server = _Server(("127.0.0.1", self.port), self)
+        if self.tls is not None:  # the handshake runs in the handler thread, on first read
+            server.socket = self.tls.wrap_socket(
+                server.socket, server_side=True, do_handshake_on_connect=False
+            )
         self.port = int(server.server_address[1])
         thread = threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
@@ -234,6 +258,27 @@ class FaultProxy:
             )
         )
 
+    def throttle(
+        self,
+        every: int = 1,
+        path: str | None = None,
+        *,
+        retry_after: str | None = "1",
+        first_per_body: bool = False,
+    ) -> Rule:
+        """Answer every ``every``-th matching call 429 with ``Retry-After: retry_after``
+        (None: no header), as a rate-limiting gateway does."""
+        return self.add(
+            Rule(Fault.ERROR_429, _compile(path), every, first_per_body, retry_after=retry_after)
+        )
+
+    def require_authorization(self, value: str | None) -> None:
+        """Answer 401 to every call whose ``Authorization`` header is not ``value``
+        (None: no check). The 401's body quotes what the client presented, as careless
+        servers do, so a test can see that a client does not log replies verbatim."""
+        with self._lock:
+            self._authorization = value
+
     def fail_with(
         self,
         status: int,
@@ -321,13 +366,19 @@ class FaultProxy:
                 self._faults[(Fault.REFUSED, "")] += 1
             return self._resetting
 
-    def _decide(self, path: str, body: bytes, method: str = "GET") -> _Decision:
+    def _decide(
+        self, path: str, body: bytes, method: str = "GET", authorization: str | None = None
+    ) -> _Decision:
         decision = _Decision()
         with self._lock:
             self._calls[path] += 1
             if self._resetting:
                 self._faults[(Fault.REFUSED, path)] += 1
                 decision.refuse = True
+                return decision
+            if self._authorization is not None and authorization != self._authorization:
+                self._faults[(Fault.UNAUTHORIZED, path)] += 1
+                decision.unauthorized = True
                 return decision
             for rule in self._rules:
                 if not rule.fires(path, body, method):
@@ -340,6 +391,8 @@ class FaultProxy:
                         decision.status = rule.status
                     decision.error = True
                     decision.reply = decision.reply or rule.reply
+                elif rule.kind is Fault.ERROR_429:
+                    decision.throttled = decision.throttled or rule
                 else:
                     decision.lose_reply = True
         return decision
@@ -381,12 +434,30 @@ class _Handler(BaseHTTPRequestHandler):
         proxy = self.server.proxy
         body = self._read_body()
         path = urlsplit(self.path).path
-        decision = proxy._decide(path, body, self.command)
+        presented = self.headers.get("Authorization")
+        decision = proxy._decide(path, body, self.command, presented)
         if decision.refuse:
             _reset(self.connection)
             return
+        if decision.unauthorized:
+            echo = f"401 Unauthorized: credentials {presented!r} are not valid here"
+            self._reply(
+                401,
+                "Unauthorized",
+                [("Content-Type", "text/plain"), ("WWW-Authenticate", 'Bearer realm="mlflow"')],
+                echo.encode(),
+            )
+            return
         if decision.stalls:
             proxy._hold(decision.stalls)
+        if decision.throttled is not None:
+            retry_after = decision.throttled.retry_after
+            headers = [("Content-Type", "application/json")]
+            if retry_after is not None:
+                headers.append(("Retry-After", retry_after))
+            payload = b'{"error_code": "REQUEST_LIMIT_EXCEEDED", "message": "injected 429"}'
+            self._reply(429, "Too Many Requests", headers, payload)
+            return
         if decision.error:
             content_type, payload = decision.reply or (
                 "application/json",

@@ -27,10 +27,16 @@ class MlflowServerProcess:
     """``mlflow server`` with served artifacts on a free loopback port, in its own process group."""
 
     def __init__(
-        self, folder: Path, template: Path | None = None, backend_store_uri: str | None = None
+        self,
+        folder: Path,
+        template: Path | None = None,
+        backend_store_uri: str | None = None,
+        *,
+        workers: int = 1,
     ) -> None:
         """A SQLite store in ``folder`` (cloned from ``template``), or ``backend_store_uri``
-        (a PostgreSQL database: MLflow migrates it on start)."""
+        (a PostgreSQL database: MLflow migrates it on start); ``workers`` server processes."""
+        self.workers = workers
         self.folder = folder
         self.backend_store_uri = backend_store_uri
         self.db = folder / "mlflow.db"
@@ -64,7 +70,7 @@ class MlflowServerProcess:
                     "--port",
                     str(self.port),
                     "--workers",
-                    "1",
+                    str(self.workers),
                 ],
                 cwd=self.folder,
                 stdout=log,
@@ -98,6 +104,20 @@ class MlflowServerProcess:
             return self.log_path.read_text(errors="replace")[-chars:]
         except OSError:
             return ""
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) used so far by the server's process group, from /proc."""
+        if self.proc is None:
+            return 0.0
+        total = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[2]) == self.proc.pid:  # the process group (the server's session)
+                total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
+        return total / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None

@@ -8,6 +8,7 @@ while a call is within its deadline.
 
 from __future__ import annotations
 
+import email.utils
 import os
 import random
 import time
@@ -18,7 +19,13 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import structlog
 
-from syncd.errors import PermanentSinkError, SinkError, TransientSinkError
+from syncd.errors import (
+    PermanentSinkError,
+    SinkAccessDenied,
+    SinkError,
+    ThrottledSinkError,
+    TransientSinkError,
+)
 from syncd.sink.store import StoreLock
 
 if TYPE_CHECKING:
@@ -31,18 +38,63 @@ _TRANSIENT_CODES = frozenset(
     {"TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
 )
 _TRANSIENT_TEXT = ("database is locked", "database table is locked", "Connection refused")
+_AUTH_CODES = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED", "CUSTOMER_UNAUTHORIZED"})
+# MLflow's REST client gives up on a 429 inside urllib3, whose error keeps no reply headers.
+_THROTTLED_TEXT = ("too many 429 error responses", "error code 429")
+_TLS_TEXT = ("CERTIFICATE_VERIFY_FAILED", "SSLCertVerificationError")
+_CREDENTIALS_HINT = (
+    "MLflow refused syncd's credentials ({what}); check MLFLOW_TRACKING_TOKEN, or"
+    " MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+)
+_TLS_HINT = (
+    "the tracking server's TLS certificate is not trusted; set MLFLOW_TRACKING_SERVER_CERT_PATH"
+    " to the CA bundle that signed it"
+)
 
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """Exponential backoff with full jitter, capped; ``attempts`` tries in all."""
+    """Exponential backoff with full jitter, capped; ``attempts`` tries in all.
+
+    A throttled call (429) waits what the server's ``Retry-After`` asks, up to
+    ``max_retry_after``; without one, a backoff that starts at ``throttle_delay``.
+    """
 
     attempts: int = 6
     base_delay: float = 0.2
     max_delay: float = 10.0
+    throttle_delay: float = 1.0
+    max_retry_after: float = 30.0
 
-    def delay(self, attempt: int) -> float:
+    def delay(self, attempt: int, err: SinkError | None = None) -> float:
+        if isinstance(err, ThrottledSinkError):
+            if err.retry_after is not None:
+                return min(max(err.retry_after, 0.0), self.max_retry_after)
+            ceiling = min(self.max_retry_after, self.throttle_delay * 2**attempt)
+            return random.uniform(ceiling / 2, ceiling)
         return random.uniform(0, min(self.max_delay, self.base_delay * 2**attempt))
+
+
+def _http_status(exc: BaseException) -> int | None:
+    """The status of a ``requests`` HTTPError's reply (artifact uploads raise these)."""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+def _retry_after(exc: BaseException) -> float | None:
+    """Seconds from the reply's Retry-After header (delta-seconds or an HTTP date)."""
+    headers = getattr(getattr(exc, "response", None), "headers", None)
+    value = headers.get("Retry-After") if headers is not None else None
+    if not isinstance(value, str) or not value.strip():
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 def classify(exc: BaseException) -> SinkError:
@@ -53,6 +105,18 @@ def classify(exc: BaseException) -> SinkError:
     name = type(exc).__name__
     module = type(exc).__module__
     code = getattr(exc, "error_code", None)
+    status = _http_status(exc)
+    if status in (401, 403) or code in _AUTH_CODES:
+        what = f"HTTP {status}" if status else str(code)
+        return SinkAccessDenied(f"{_CREDENTIALS_HINT.format(what=what)}: {text}")
+    if any(t in text for t in _TLS_TEXT):
+        return SinkAccessDenied(f"{_TLS_HINT}: {text}")
+    if status == 429 or code == "REQUEST_LIMIT_EXCEEDED" or any(t in text for t in _THROTTLED_TEXT):
+        return ThrottledSinkError(
+            f"throttled by MLflow (HTTP 429): {text}", retry_after=_retry_after(exc)
+        )
+    if status is not None and 400 <= status < 500 and status != 408:
+        return PermanentSinkError(f"{name}: {text}")
     if any(t in text for t in _TRANSIENT_TEXT):
         return TransientSinkError(text)
     if code is not None:  # MlflowException and RestException
@@ -142,8 +206,8 @@ class Calls:
                 attempt += 1
 
     def note_retry(self, what: str, attempt: int, err: SinkError) -> None:
-        """Log and count a retry, then wait out its backoff."""
-        delay = self.retry.delay(attempt)
+        """Log and count a retry, then wait out its backoff (or the server's Retry-After)."""
+        delay = self.retry.delay(attempt, err)
         log.warning(
             "sink_retry",
             call=what,
@@ -152,7 +216,8 @@ class Calls:
             error=str(err)[:300],
         )
         self._retries += 1
-        time.sleep(delay)
+        with self.bounded(f"backing off before retrying {what}", delay + 5):
+            time.sleep(delay)
 
     def take_retries(self) -> int:
         """Calls retried since the last time this was asked (for the retries counter)."""

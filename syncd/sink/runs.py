@@ -6,7 +6,7 @@ from typing import Any
 
 import structlog
 
-from syncd.errors import PermanentSinkError, TransientSinkError
+from syncd.errors import PermanentSinkError, SinkAccessDenied, TransientSinkError
 from syncd.projection import PARENT_RUN_TAG, RECORD_ID_TAG, RunSpec
 from syncd.sink.calls import Calls, classify
 from syncd.sink.results import ApplyResult
@@ -29,6 +29,9 @@ class Runs:
         self._created_experiments: set[str] = set()
         self._uncertain: set[str] = set()
         self._created_runs: set[str] = set()
+        # Records the last find_run found no run for (the engine looks under the record's
+        # lease just before resolving it): a second search right after would ask again.
+        self._absent: set[tuple[str, str]] = set()
 
     def experiment_id(self, name: str) -> str:
         cached = self._experiments.get(name)
@@ -39,7 +42,8 @@ class Runs:
         exp = self.calls.call(
             "get_experiment_by_name", self.calls.client.get_experiment_by_name, name
         )
-        if exp is None:
+        attempt = 0
+        while exp is None:
             try:
                 location = (
                     f"{self.artifact_root.rstrip('/')}/{_folder_name(name)}"
@@ -48,18 +52,25 @@ class Runs:
                 )
                 exp_id = self.calls.client.create_experiment(name, artifact_location=location)
                 self._created_experiments.add(str(exp_id))
+                break
             except Exception as exc:
                 err = classify(exc)
                 if isinstance(err, TransientSinkError):
+                    # MLflow's client does not retry a create: wait and look again (a
+                    # create whose reply was lost may have happened), then create again.
+                    if attempt + 1 >= self.calls.retry.attempts:
+                        raise err from exc
+                    self.calls.note_retry("create_experiment", attempt, err)
+                    attempt += 1
+                elif isinstance(err, SinkAccessDenied):
                     raise err from exc
                 # Someone else created it between our lookup and create: use theirs.
                 exp = self.calls.call(
                     "get_experiment_by_name", self.calls.client.get_experiment_by_name, name
                 )
-                if exp is None:
+                if exp is None and not isinstance(err, TransientSinkError):
                     raise err from exc
-                exp_id = exp.experiment_id
-        else:
+        if exp is not None:
             if exp.lifecycle_stage == LifecycleStage.DELETED:
                 raise PermanentSinkError(
                     f"experiment {name!r} is deleted in MLflow; restore it"
@@ -83,6 +94,8 @@ class Runs:
             max_results=2,
             order_by=["attributes.start_time ASC"],
         )
+        if not found:
+            self._absent.add((experiment_id, record_id))
         return found[0] if found else None
 
     def resolve_run(self, spec: RunSpec, parent_run_id: str | None) -> ApplyResult:
@@ -97,10 +110,12 @@ class Runs:
             return self.continue_run(spec)
         with self.calls.serialised():
             experiment_id = self.experiment_id(spec.experiment)
+            just_searched = (experiment_id, spec.record_id) in self._absent
+            self._absent.clear()  # only the search made for this very resolve counts
             search = (
                 spec.record_id in self._uncertain
                 or spec.record_id in self._created_runs
-                or experiment_id not in self._created_experiments
+                or (experiment_id not in self._created_experiments and not just_searched)
             )
             tags = dict(spec.tags)
             if parent_run_id:

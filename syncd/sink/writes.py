@@ -11,7 +11,7 @@ from pathlib import Path
 import structlog
 
 from syncd.artifacts import ArtifactRefused, ResolvedArtifact, staged
-from syncd.errors import PermanentSinkError, RecordError
+from syncd.errors import PermanentSinkError, RecordError, SinkAccessDenied
 from syncd.projection import (
     MAX_PARAMS_TAGS_PER_BATCH,
     PARENT_RUN_TAG,
@@ -112,6 +112,8 @@ class Writes:
         try:
             call(batch.metrics, batch.params, batch.tags)
             return
+        except SinkAccessDenied:
+            raise  # refused credentials say nothing about the entries: none is isolated
         except PermanentSinkError as exc:
             if "active" in str(exc) and "state" in str(exc):
                 raise
@@ -144,6 +146,8 @@ class Writes:
     def _try_entry(self, result: ApplyResult, line: int, seq: int, fn: Callable[[], None]) -> None:
         try:
             fn()
+        except SinkAccessDenied:
+            raise
         except PermanentSinkError as exc:
             result.problems.append(
                 RecordError(f"MLflow refused: {_short(str(exc))}", line=line, seq=seq)

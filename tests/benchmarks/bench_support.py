@@ -105,6 +105,7 @@ def make_tree(
     seed: int = 0,
     fanout: int = 0,
     tags_event: bool = True,
+    experiment_prefix: str = "bench-exp",
 ) -> int:
     """``records`` records under ``root`` (grouped ``fanout`` per folder when > 0);
     returns the metric points written."""
@@ -116,7 +117,7 @@ def make_tree(
             index=i,
             steps=steps,
             metric_keys=metric_keys,
-            experiment=f"bench-exp-{i % experiments}",
+            experiment=f"{experiment_prefix}-{i % experiments}",
             seed=seed,
             tags_event=tags_event,
         )

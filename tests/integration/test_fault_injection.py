@@ -321,14 +321,16 @@ def mlflow_ahead_of_ledger(store: Path, state: Path, recs: dict[str, Rec]) -> in
     write and its checkpoint (a run created but not bound, or points not acknowledged)."""
     if not (state / "ledger.db").exists():
         return 0
-    with closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=5)) as mlf:
+    # Opened read-write (only read from): the killed writer may have left a hot journal,
+    # which SQLite rolls back on the next open, and a read-only connection cannot.
+    with closing(sqlite3.connect(store, timeout=5)) as mlf:
         run_of = dict(
             mlf.execute("SELECT value, run_uuid FROM tags WHERE key = 'syncd.record_id'").fetchall()
         )
         points = Counter(
             dict(mlf.execute("SELECT run_uuid, count(*) FROM metrics GROUP BY run_uuid").fetchall())
         )
-    with closing(sqlite3.connect(f"file:{state / 'ledger.db'}?mode=ro", uri=True)) as led:
+    with closing(sqlite3.connect(state / "ledger.db", timeout=5)) as led:
         bound = {r for (r,) in led.execute("SELECT record_id FROM syncd_runs").fetchall()}
         seqs = dict(led.execute("SELECT record_id, seq FROM syncd_records").fetchall())
     ahead = 0

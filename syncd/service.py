@@ -320,13 +320,16 @@ class Daemon:
         self.next_rescan = 0.0
         self.backlog.wake.set()
 
-    def _stop_watcher(self) -> None:
+    def _stop_watcher(self, *, keep_poller: bool = False) -> None:
+        """Stop following the roots. ``keep_poller``: its thread stops, but it still
+        answers for the S3 records a drain has yet to sync."""
         if self.watcher is not None:
             self.watcher.stop()
             self.watcher = None
         if self.poller is not None:
             self.poller.stop()
-            self.poller = None
+            if not keep_poller:
+                self.poller = None
 
     # -- the loop ------------------------------------------------------------------
 
@@ -737,7 +740,7 @@ class Daemon:
     def _drain(self) -> None:
         """Stop reading; finish what is queued within the drain timeout."""
         self.notifier.stopping()
-        self._stop_watcher()
+        self._stop_watcher(keep_poller=True)  # S3 records still queued are drained too
         deadline = time.monotonic() + self.settings.writer.drain_timeout
         self.drain_deadline = deadline
         while len(self.backlog) and time.monotonic() < deadline:

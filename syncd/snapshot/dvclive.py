@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from syncd.snapshot.translate import CHANGED_TAG_PREFIX, Problem, Translation
+from syncd.snapshot.translate import CHANGED_TAG_PREFIX, Problem, Translation, finish
 
 if TYPE_CHECKING:
     from syncd.snapshot.derived import RunDir
@@ -192,14 +192,7 @@ def translate_dvclive(
             point = {"type": "metrics", "ts": view.summary_mtime_ms, "step": step}
             out.events.append({**point, "metrics": {key: value}})
 
-    seen = set(state["problems"])
-    for problem in out.problems:
-        if problem.key not in seen:
-            seen.add(problem.key)
-            out.new_problems.append(problem)
-    state["problems"] = sorted(seen)
-    out.state = state
-    return out
+    return finish(out, state)
 
 
 class DvcliveTranslator:

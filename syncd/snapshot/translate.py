@@ -426,6 +426,11 @@ def translate(
                     )
                 )
 
+    return finish(out, state)
+
+
+def finish(out: Translation, state: dict[str, Any]) -> Translation:
+    """Keep ``state`` on ``out``; a problem is new (reported) once per record."""
     seen = set(state["problems"])
     for problem in out.problems:
         if problem.key not in seen:

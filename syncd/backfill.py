@@ -298,6 +298,10 @@ def backfill(
     this sink (checkpoints, artifact digests, run bindings): they are projected
     again from the start into the runs that carry their ``syncd.record_id``.
     """
+    if not dry_run:
+        # MLflow's client library is loaded before the pass is timed (writers would
+        # otherwise load it in their first call, all waiting on Python's import lock).
+        import mlflow.tracking  # noqa: F401
     started = time.perf_counter()
     summary = Summary(tracking_uri=sink_key(settings.tracking_uri))
     root_errors: list[tuple[Root, S3SourceError]] = []
@@ -322,12 +326,14 @@ def backfill(
     if ledger is None:  # a dry run before any sync: an in-memory ledger
         ledger = Ledger("sqlite://", sink_key(settings.tracking_uri))
     count = 1 if dry_run else writer_count(settings.tracking_uri, settings.writer.concurrency)
+    created: set[str] = set()  # experiments any of these writers created
     sinks = [
         MlflowSink(
             settings.tracking_uri,
             retry=RetryPolicy(attempts=5, max_delay=5.0),
             artifact_root=settings.artifact_root,
             call_deadline=settings.timeouts.http + 5,
+            created_experiments=created,
         )
         for _ in range(count)
     ]

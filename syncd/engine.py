@@ -619,8 +619,8 @@ class Engine:
         creating a run for this record now. One may have created it and died before
         binding it, so the run is first looked up by its tag.
         """
-        self._renew()
-        resolved = self._adopt(spec) or self.sink.resolve_run(spec, parent_run_id)
+        first = self._note_intent(spec)
+        resolved = self._adopt(spec, first) or self.sink.resolve_run(spec, parent_run_id)
         run = RunRow(
             record_id=spec.record_id,
             run_id=resolved.run_id,
@@ -633,14 +633,25 @@ class Engine:
         self._commit(Progress(record=row, kind="bound", run=run, detail=f"run {resolved.run_id}"))
         return run
 
-    def _adopt(self, spec: RunSpec) -> ApplyResult | None:
+    def _note_intent(self, spec: RunSpec) -> bool:
+        """Renew the lease and note in the ledger that a run may be created for this
+        record from now on. True when no worker noted it before."""
+        if self._lease is None or spec.mlflow_run_id:
+            self._renew()
+            return False
+        self.heartbeat.check()
+        return self.ledger.note_run_intent(spec.record_id, self._lease)
+
+    def _adopt(self, spec: RunSpec, first_intent: bool) -> ApplyResult | None:
         """The run another writer created for this record and did not bind, if any.
 
-        A sink skips that search in experiments it created itself; other writers
-        (threads, daemons) may have created runs there too.
+        Other writers (threads, daemons) may have created one, unless none ever noted
+        the intent to (``first_intent``) and the experiment is one this process
+        created (it held no run then): only there is the search skipped.
         """
         find_run = getattr(self.sink, "find_run", None)
         experiment_of = getattr(self.sink, "experiment_id", None)
+        created_here = getattr(self.sink, "experiment_created", None)
         if spec.mlflow_run_id:  # an existing run, named by the record: nothing to search
             return None
         if self._lease is None or find_run is None or experiment_of is None:
@@ -648,6 +659,8 @@ class Engine:
         calls = getattr(self.sink, "calls", None)  # a SQLite store's lock, when it has one
         with calls.serialised() if calls is not None else contextlib.nullcontext():
             experiment_id = str(experiment_of(spec.experiment))
+            if first_intent and created_here is not None and created_here(experiment_id):
+                return None
             existing = find_run(experiment_id, spec.record_id)
         if existing is None:
             return None

@@ -155,6 +155,16 @@ leases = sa.Table(
     sa.Column("acquired_at", sa.Float, nullable=False),
 )
 
+# schema 5: records a worker may have created a run for (see :meth:`Ledger.note_run_intent`)
+run_intents = sa.Table(
+    "syncd_run_intents",
+    metadata,
+    sa.Column("sink", sa.String(512), primary_key=True),
+    sa.Column("record_id", sa.String(128), primary_key=True),
+    sa.Column("owner", sa.String(256), nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
+)
+
 meta = sa.Table(
     "syncd_meta",
     metadata,
@@ -222,7 +232,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 
 # The newest migration in syncd/ledger_migrations/versions (a test keeps them equal).
-LEDGER_SCHEMA_HEAD = "0004"
+LEDGER_SCHEMA_HEAD = "0005"
 
 
 class LedgerConflict(LedgerError):
@@ -623,6 +633,24 @@ class Ledger:
         with self._tx() as conn:
             self._fence(conn, lease)
 
+    def note_run_intent(self, record_id: str, lease: Lease) -> bool:
+        """Renew ``lease`` and note that its owner is about to create ``record_id``'s run.
+
+        Returns True when no worker noted that intent before: no run can have been
+        created for the record through this ledger (the adoption search may then be
+        skipped where no one else can have created runs). Intents are never dropped,
+        not by ``forget`` either: a run they announce may still exist.
+        """
+        with self._tx() as conn:
+            self._fence(conn, lease)
+            inserted = conn.execute(
+                self._insert(conn, run_intents)
+                .values(sink=self.sink, record_id=record_id, owner=lease.owner, at=time.time())
+                .on_conflict_do_nothing(index_elements=["sink", "record_id"])
+                .returning(run_intents.c.record_id)  # (psycopg's rowcount here is -1)
+            )
+            return inserted.first() is not None
+
     def release_lease(self, lease: Lease) -> None:
         """Give the lease up (if still ours): the next worker need not wait for it to expire."""
         with self._tx() as conn:
@@ -867,7 +895,9 @@ def _legacy_revision(conn: Connection) -> str | None:
         return "0001"
     if not inspector.has_table("syncd_leases"):
         return "0002"
-    return "0004" if "etag" in columns else "0003"
+    if "etag" not in columns:
+        return "0003"
+    return "0005" if inspector.has_table("syncd_run_intents") else "0004"
 
 
 @contextmanager

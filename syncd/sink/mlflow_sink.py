@@ -50,7 +50,10 @@ class MlflowSink:
         call_deadline: float = 35.0,
         lock_timeout: float = 300.0,
         bounded: Bounded | None = None,
+        created_experiments: set[str] | None = None,
     ) -> None:
+        """``created_experiments``: one set shared by the sinks of one process's writers
+        over one ledger (the experiments any of them created)."""
         self.tracking_uri = tracking_uri
         self.artifact_root = artifact_root or default_artifact_root(tracking_uri)
         db = sqlite_path(tracking_uri)
@@ -64,7 +67,7 @@ class MlflowSink:
             call_deadline=call_deadline,
             lock=lock,
         )
-        self.runs = Runs(self.calls, self.artifact_root)
+        self.runs = Runs(self.calls, self.artifact_root, created_experiments)
         self.writes = Writes(self.calls, tracking_uri)
         self._heap_frozen = False
         if self.artifact_root:
@@ -107,6 +110,9 @@ class MlflowSink:
 
     def experiment_id(self, name: str) -> str:
         return self.runs.experiment_id(name)
+
+    def experiment_created(self, experiment_id: str) -> bool:
+        return self.runs.experiment_created(experiment_id)
 
     def find_run(self, experiment_id: str, record_id: str) -> Any | None:
         return self.runs.find_run(experiment_id, record_id)

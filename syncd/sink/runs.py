@@ -17,7 +17,9 @@ log = structlog.get_logger("syncd.sink")
 class Runs:
     """Finds or creates the experiment and the run of a record, never twice."""
 
-    def __init__(self, calls: Calls, artifact_root: str | None) -> None:
+    def __init__(
+        self, calls: Calls, artifact_root: str | None, created_experiments: set[str] | None = None
+    ) -> None:
         self.calls = calls
         self.artifact_root = artifact_root
         self._experiments: dict[str, str] = {}
@@ -25,8 +27,11 @@ class Runs:
         # so a record without a ledger mapping needs no adoption search there, unless
         # a create of that record failed or went unanswered (``_uncertain``) or this
         # sink already created its run (``_created_runs``: the ledger lost the binding,
-        # e.g. its commit failed, and the record is resolved again).
-        self._created_experiments: set[str] = set()
+        # e.g. its commit failed, and the record is resolved again). Shared by the
+        # sinks of one process's writers over one ledger (see ``experiment_created``).
+        self._created_experiments: set[str] = (
+            created_experiments if created_experiments is not None else set()
+        )
         self._uncertain: set[str] = set()
         self._created_runs: set[str] = set()
         # Records the last find_run found no run for (the engine looks under the record's
@@ -80,6 +85,11 @@ class Runs:
             exp_id = exp.experiment_id
         self._experiments[name] = exp_id
         return str(exp_id)
+
+    def experiment_created(self, experiment_id: str) -> bool:
+        """True when this sink (or one sharing its set) created the experiment: it held
+        no run then, so every run in it was made by a writer of this process or fleet."""
+        return experiment_id in self._created_experiments
 
     def find_run(self, experiment_id: str, record_id: str) -> Any | None:
         """The run already carrying ``syncd.record_id``, if any (adoption)."""

@@ -187,3 +187,28 @@ def _raises_lost(beat: LeaseHeartbeat) -> bool:
     except LeaseLost:
         return True
     return False
+
+
+def test_a_run_intent_is_noted_once_fenced_by_the_lease_and_outlives_a_resync(
+    ledger: Ledger,
+) -> None:
+    """The first worker about to create a record's run learns it is the first; any later
+    one (a retry, a takeover, a resync) learns a run may already exist."""
+    mine = ledger.acquire_lease(SOURCE, "host:1:a", ttl=30)
+    assert isinstance(mine, Lease)
+    assert ledger.note_run_intent("rec-1", mine) is True
+    assert ledger.note_run_intent("rec-1", mine) is False
+    ledger.commit(
+        Progress(record=RecordRow(source=SOURCE, record_id="rec-1", state=SYNCED), kind="applied"),
+        mine,
+    )
+    assert ledger.forget([SOURCE]) == [SOURCE]
+    assert ledger.note_run_intent("rec-1", mine) is False  # the run it announced may exist
+    ledger.release_lease(mine)
+    # a worker whose lease was taken over notes nothing
+    stale = Lease(SOURCE, "host:9:gone", 30)
+    with pytest.raises(LeaseLost):
+        ledger.note_run_intent("rec-2", stale)
+    theirs = ledger.acquire_lease(SOURCE, "host:2:b", ttl=30)
+    assert isinstance(theirs, Lease)
+    assert ledger.note_run_intent("rec-2", theirs) is True

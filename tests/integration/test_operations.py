@@ -187,6 +187,7 @@ def test_a_ledger_from_the_first_schema_is_upgraded_in_place(
         for column in ("attempts", "next_attempt_at", "version", "tail", "etag"):
             conn.execute(f'ALTER TABLE syncd_records DROP COLUMN "{column}"')
         conn.execute("DROP TABLE syncd_leases")  # added later too
+        conn.execute("DROP TABLE syncd_run_intents")
         conn.execute('ALTER TABLE syncd_sync_events DROP COLUMN "worker"')
         conn.execute("DROP TABLE syncd_alembic_version")  # made before migrations existed
 

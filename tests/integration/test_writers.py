@@ -11,6 +11,11 @@ from mlflow_server import MlflowServerProcess, unique_experiment
 
 from syncd.backfill import backfill, open_ledger
 from syncd.config import load_config
+from syncd.engine import Engine
+from syncd.errors import LedgerError
+from syncd.ledger import Lease, Ledger, Progress
+from syncd.sink import MlflowSink
+from syncd.sources.local import LocalRecord
 from syncd.writers import writer_count
 
 POINTS = 40
@@ -103,3 +108,54 @@ def test_a_sqlite_store_keeps_one_writer(workdir: Path, tracking_uri: str) -> No
     assert summary.clean and summary.synced == 6
     workers = writers_per_record(settings, paths)
     assert len(set().union(*workers.values())) == 1, workers
+
+
+class BindingLostOnce(Ledger):
+    """A real ledger that fails the first commit of a run binding (after MLflow made the run)."""
+
+    failed = False
+
+    def commit(self, progress: Progress, lease: Lease | None = None) -> None:
+        if progress.kind == "bound" and not self.failed:
+            self.failed = True
+            raise LedgerError("injected: the binding's commit failed")
+        super().commit(progress, lease)
+
+
+def test_writers_search_for_a_record_s_run_only_where_one_may_exist(
+    workdir: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two writers of one process share the experiments they created. A record that no
+    writer ever set out to create a run for is not searched for in such an experiment
+    (a new experiment holds no runs), but one whose run another writer created and could
+    not bind is: it is adopted, never created twice."""
+    from mlflow.tracking import MlflowClient
+
+    ledger = BindingLostOnce(f"sqlite:///{workdir / 'ledger.db'}", tracking_uri)
+    created: set[str] = set()
+    sinks = [MlflowSink(tracking_uri, created_experiments=created) for _ in range(2)]
+    searches: list[str] = []
+    for sink in sinks:
+        real = sink.runs.find_run
+
+        def counted(experiment_id: str, record_id: str, real: Any = real) -> Any:
+            searches.append(record_id)
+            return real(experiment_id, record_id)
+
+        monkeypatch.setattr(sink.runs, "find_run", counted)
+    a, b = (Engine(ledger, sink, worker=f"w{i}") for i, sink in enumerate(sinks))
+    paths = make_records(workdir / "runs", "fresh", 2)
+    first, second = (LocalRecord(p) for p in paths)
+
+    with pytest.raises(LedgerError):  # a ledger failure ends the pass, as it would the daemon's
+        a.sync(first)  # after creating the experiment and the run: the binding is lost
+    assert searches == []  # the first try: nobody can have made a run for it
+    assert b.sync(first).state == "synced"  # the other writer retries it
+    assert searches == ["fresh-r0"]  # a run may exist: it is searched for, and adopted
+    assert b.sync(second).state == "synced"
+    assert searches == ["fresh-r0"]  # a new record in a new experiment: no search
+    runs = runs_by_record(MlflowClient(tracking_uri))  # raises on a duplicate run
+    assert sorted(runs) == ["fresh-r0", "fresh-r1"]
+    points = history(MlflowClient(tracking_uri), runs["fresh-r0"].info.run_id, "loss")
+    assert [value for _step, _ts, value in points] == [s / 10 for s in range(1, POINTS + 1)]
+    ledger.close()

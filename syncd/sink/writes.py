@@ -22,6 +22,7 @@ from syncd.projection import (
 )
 from syncd.sink.calls import Calls
 from syncd.sink.models import Models
+from syncd.sink.rest_batch import post_log_batch, rest_store_of
 from syncd.sink.results import ApplyResult
 
 log = structlog.get_logger("syncd.sink")
@@ -98,7 +99,12 @@ class Writes:
     def _log_batch(self, run_id: str, batch: Batch, result: ApplyResult) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
+        store = rest_store_of(self.calls.client)
+
         def call(metrics: list[MetricPoint], params: list[Entry], tags: list[Entry]) -> None:
+            if store is not None:  # a tracking server: the same request, without protobuf
+                self.calls.call("log_batch", post_log_batch, store, run_id, metrics, params, tags)
+                return
             self.calls.call(
                 "log_batch",
                 self.calls.client.log_batch,

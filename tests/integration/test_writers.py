@@ -159,3 +159,60 @@ def test_writers_search_for_a_record_s_run_only_where_one_may_exist(
     points = history(MlflowClient(tracking_uri), runs["fresh-r0"].info.run_id, "loss")
     assert [value for _step, _ts, value in points] == [s / 10 for s in range(1, POINTS + 1)]
     ledger.close()
+
+
+def test_batches_sent_to_a_tracking_server_land_as_the_client_would_write_them(
+    workdir: Path, mlflow_server: MlflowServerProcess
+) -> None:
+    """Over HTTP, batches go out as JSON built by syncd (see syncd.sink.rest_batch): the
+    server must hold what MlflowClient would have written, non-finite values included, and
+    a line that cannot be written is reported with its line while the rest lands."""
+    import math
+
+    from mlflow.tracking import MlflowClient
+
+    experiment = unique_experiment("rest-batch")
+    values = [0.5, math.nan, math.inf, -math.inf, -0.0, 1e308, 123456789.125]
+    lines = [started(f"{experiment}-r", experiment, run_name="r", tags={"team": "é ✓"})]
+    lines.append(line(1, "params", params={"lr": 0.01, "opt": "adam"}))
+    for step, value in enumerate(values):
+        spelled = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+        metric = value if math.isfinite(value) else spelled[str(value)]
+        lines.append(line(2 + step, "metrics", step=step, metrics={"v": metric}))
+    lines.append(line(2 + len(values), "tags", tags={"stage": "fit"}))
+    lines.append(line(3 + len(values), "params", params={"lr": 0.02}))  # params are write-once
+    lines.append(line(4 + len(values), "run_finished", status="FINISHED"))
+    write_record(workdir / "runs" / "r", lines)
+    settings = load_config(
+        None,
+        overrides={
+            "roots": [str(workdir / "runs")],
+            "tracking_uri": mlflow_server.uri,
+            "state_dir": str(workdir / ".syncd"),
+        },
+        env={},
+    )
+    summary = backfill(settings)
+    assert summary.with_errors == 1 and summary.metric_points == len(values)
+    [error] = summary.errors  # the changed param: reported, the rest of the record lands
+    assert error["line"] == len(values) + 4 and "cannot change" in error["reason"], error
+
+    client = MlflowClient(tracking_uri=mlflow_server.uri)
+    [run] = runs_by_record(client, [experiment]).values()
+    assert run.data.params == {"lr": "0.01", "opt": "adam"}
+    assert run.data.tags["team"] == "é ✓" and run.data.tags["stage"] == "fit"
+    # the same points written by MlflowClient itself (the SQL store keeps +-inf as +-max)
+    from mlflow.entities import Metric
+
+    by_client = client.create_run(run.info.experiment_id).info.run_id
+    mirrored = history(client, run.info.run_id, "v")
+    client.log_batch(
+        by_client,
+        metrics=[
+            Metric("v", v, ts, step) for v, (step, ts, _) in zip(values, mirrored, strict=True)
+        ],
+    )
+    got = [(s, "NaN" if v != v else v) for s, _ts, v in history(client, run.info.run_id, "v")]
+    want = [(s, "NaN" if v != v else v) for s, _ts, v in history(client, by_client, "v")]
+    assert got == want and len(got) == len(values)
+    assert run.info.status == "FINISHED"

@@ -37,6 +37,7 @@ from syncd.backfill import (
     record_at,
     record_locator,
     root_experiments,
+    s3_derived_record,
     sink_key,
 )
 from syncd.config import Settings, load_config
@@ -50,7 +51,7 @@ from syncd.s3_poller import S3Poller
 from syncd.sink import MlflowSink, RetryPolicy
 from syncd.snapshot.derived import DerivedRecord
 from syncd.sources.local import LocalRecord, path_from_uri
-from syncd.sources.s3 import S3Record, forget_clients
+from syncd.sources.s3 import S3Record, client_for, forget_clients
 from syncd.supervisor import Supervisor
 from syncd.watch import Watcher
 from syncd.writers import WriterPool, writer_count
@@ -461,6 +462,11 @@ class Daemon:
                 return record_at(root, key, self.settings.state_dir)
             return LocalRecord(key)
         assert self.poller is not None
+        found = self.poller.run_dir(key)
+        if found is not None:  # a run directory of a snapshot, dvclive or tensorboard root
+            root, run = found
+            client = client_for(root, self.settings.timeouts.http)
+            return s3_derived_record(root, client, run, self.settings.state_dir)
         return self.poller.record(key)
 
     def _requeue(self, items: list[tuple[Key, float]]) -> None:

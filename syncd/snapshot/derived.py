@@ -55,6 +55,10 @@ class RunDir(Protocol):
         """Every file (relative POSIX path) -> (size, mtime_ns)."""
         ...
 
+    def fingerprint(self) -> list[list[Any]]:
+        """Every file with what tells a change: [path, size, mtime_ns] (S3: and the ETag)."""
+        ...
+
     def resolve_artifact(self, path: str, artifact_path: str | None) -> ResolvedArtifact: ...
 
 
@@ -126,6 +130,9 @@ class LocalRunDir:
                 out[full.relative_to(self.path).as_posix()] = (st.st_size, st.st_mtime_ns)
         return out
 
+    def fingerprint(self) -> list[list[Any]]:
+        return [[rel, size, mtime] for rel, (size, mtime) in sorted(self.listing().items())]
+
     def resolve_artifact(self, path: str, artifact_path: str | None) -> ResolvedArtifact:
         return resolve_local_artifact(self.path, path, artifact_path)
 
@@ -172,6 +179,15 @@ class S3RunDir:
             obj.key[len(base) :]: (obj.size, obj.last_modified_ns)
             for obj in list_records(self.client, self.display, "**")
         }
+
+    def fingerprint(self) -> list[list[Any]]:
+        from syncd.sources.s3 import list_records
+
+        base = f"{self.prefix}/" if self.prefix else ""
+        return [
+            [obj.key[len(base) :], obj.size, obj.last_modified_ns, obj.etag]
+            for obj in list_records(self.client, self.display, "**")
+        ]
 
     def resolve_artifact(self, path: str, artifact_path: str | None) -> ResolvedArtifact:
         from syncd.sources.s3 import resolve_artifact
@@ -355,9 +371,20 @@ class DerivedRecord:
     def resolve_artifact(self, path: str, artifact_path: str | None) -> ResolvedArtifact:
         return self.run_dir.resolve_artifact(path, artifact_path)
 
+    translations = 0  # run directories translated in this process (skips not counted)
+
     def refresh(self) -> Translation | None:
-        """Append what changed in the run directory since the last refresh (if anything)."""
+        """Append what changed in the run directory since the last refresh (if anything).
+
+        A run directory whose files are unchanged since the last translation (same
+        paths, sizes, mtimes; on S3 also ETags, per the ``source.json`` beside the
+        derived record) is not read again, unless the translator asked to look again
+        at a time now past (``Translation.recheck_at``).
+        """
         with self._locked():
+            fingerprint = self.run_dir.fingerprint()
+            if self._unchanged(fingerprint):
+                return None
             content = self._read()
             keep, seq, state = _lines_state(content)
             if keep != len(content):
@@ -365,12 +392,63 @@ class DerivedRecord:
             translation = self.translator.translate(
                 self.run_dir, state, default_record_id(self._uri)
             )
+            DerivedRecord.translations += 1
             self.last = translation
-            if state is not None and not translation.events and not translation.new_problems:
-                return None
-            data = encode_events(batch_of(translation), seq + 1, int(time.time() * 1000))
-            self._append(data)
-            return translation
+            appended = state is None or bool(translation.events or translation.new_problems)
+            if appended:
+                data = encode_events(batch_of(translation), seq + 1, int(time.time() * 1000))
+                self._append(data)
+            self._remember(fingerprint, translation.recheck_at)
+            return translation if appended else None
+
+    def _translator_key(self) -> str:
+        """What else the translation depends on (a changed mapping translates again)."""
+        t = self.translator
+        if isinstance(t, SnapshotTranslator):
+            return "snapshot:" + hashlib.sha256(t.mapping.model_dump_json().encode()).hexdigest()
+        options = {k: v for k, v in vars(t).items() if isinstance(v, str | int | float | None)}
+        return f"{type(t).__name__}:{json.dumps(options, sort_keys=True)}"
+
+    @property
+    def _source_path(self) -> Path | None:
+        return self.folder / "source.json" if self.folder is not None else None
+
+    def _unchanged(self, fingerprint: list[list[Any]]) -> bool:
+        """The sources and the derived record are as the last translation left them."""
+        if self._source_path is None or self.path is None:
+            return False
+        try:
+            known = json.loads(self._source_path.read_bytes())
+            size = os.stat(self.path).st_size
+        except (OSError, ValueError):
+            return False
+        if not isinstance(known, dict) or known.get("derived_size") != size:
+            return False
+        if known.get("translator") != self._translator_key():
+            return False
+        recheck = known.get("recheck_at")
+        if isinstance(recheck, int | float) and time.time() >= recheck:
+            return False
+        return bool(known.get("files") == fingerprint)
+
+    def _remember(self, fingerprint: list[list[Any]], recheck_at: float | None) -> None:
+        """Written after the derived record: a crash between the two only costs a
+        translation that finds nothing new."""
+        if self._source_path is None or self.path is None:
+            return
+        try:
+            size = os.stat(self.path).st_size
+        except FileNotFoundError:
+            return
+        body = {
+            "files": fingerprint,
+            "derived_size": size,
+            "recheck_at": recheck_at,
+            "translator": self._translator_key(),
+        }
+        tmp = self._source_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(body, separators=(",", ":")))
+        os.replace(tmp, self._source_path)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:

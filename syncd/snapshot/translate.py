@@ -71,6 +71,8 @@ class Translation:
     problems: list[Problem] = field(default_factory=list)  # every problem seen now
     new_problems: list[Problem] = field(default_factory=list)  # not reported before
     start_ms: int | None = None  # the run's start time, when the sources tell it
+    # epoch seconds: translate again then even if no file changed (None: only on change)
+    recheck_at: float | None = None
 
 
 class _Missing:

@@ -384,3 +384,44 @@ def test_stage_directory_on_an_s3_root(
     assert sync(bucket.uri("stages"), MAPPINGS / "stage_dir.yaml", tracking_uri, workdir).clean
     run = only_run(client, "seasonal_forecast")
     assert run.data.tags["git_dirty"] == "true"
+
+
+def test_unchanged_run_directories_are_not_translated_again(
+    workdir: Path, tracking_uri: str, client: Any
+) -> None:
+    from syncd.snapshot.derived import DerivedRecord
+
+    root = workdir / "stages"
+    for name in ("a", "b"):
+        shutil.copytree(STAGE, root / name)
+        meta = yaml.safe_load((root / name / "metadata.yaml").read_text())
+        meta["run_name"] = f"fit-{name}"
+        (root / name / "metadata.yaml").write_text(yaml.safe_dump(meta))
+    mapping = MAPPINGS / "stage_dir.yaml"
+    assert sync(root, mapping, tracking_uri, workdir).synced == 2
+    derived = sorted((workdir / ".syncd" / "derived").glob("*/run_record.jsonl"))
+    assert len(derived) == 2
+
+    def stats() -> list[tuple[int, int]]:
+        return [(p.stat().st_size, p.stat().st_mtime_ns) for p in derived]
+
+    before = stats()
+    translated = DerivedRecord.translations
+    summary = sync(root, mapping, tracking_uri, workdir)  # nothing changed
+    assert summary.clean and summary.unchanged == 2 and summary.events == 0, summary.errors
+    assert DerivedRecord.translations == translated  # no run directory read again
+    assert stats() == before
+
+    meta = yaml.safe_load((root / "b" / "metadata.yaml").read_text())
+    meta["git_dirty"] = True
+    (root / "b" / "metadata.yaml").write_text(yaml.safe_dump(meta))
+    summary = sync(root, mapping, tracking_uri, workdir)
+    assert summary.clean and summary.unchanged == 1 and summary.events > 0, summary.errors
+    assert DerivedRecord.translations == translated + 1  # only the changed one
+    after = stats()
+    assert sorted(after) != sorted(before) and len(set(after) & set(before)) == 1
+    exp = client.get_experiment_by_name("seasonal_forecast")
+    dirty = {
+        r.info.run_name: r.data.tags["git_dirty"] for r in client.search_runs([exp.experiment_id])
+    }
+    assert dirty == {"fit-a": "false", "fit-b": "true"}

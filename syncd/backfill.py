@@ -292,7 +292,9 @@ def s3_derived_record(
     run_dir = S3RunDir(client, run.bucket, run.prefix)
     translator: Translator
     if root.format == "tensorboard":
-        translator = TensorboardTranslator(run.primary, root.experiment or "tensorboard")
+        translator = TensorboardTranslator(
+            run.primary, root.experiment or "tensorboard", root.finish_after_idle
+        )
     else:
         translator = root_translator(root)
     return DerivedRecord(run_dir, translator, state_dir, read_only=read_only)
@@ -305,7 +307,7 @@ def root_mapping(root: Root) -> Mapping:
 
 def root_translator(root: Root) -> Translator:
     if root.format == "dvclive":
-        return DvcliveTranslator(root.experiment or "dvclive")
+        return DvcliveTranslator(root.experiment or "dvclive", root.finish_after_idle)
     return SnapshotTranslator(root_mapping(root))
 
 
@@ -315,7 +317,9 @@ def record_at(
     """The record a discovered local file stands for under ``root``."""
     if root.format == "tensorboard":  # the folder's first event file names its run
         first = min((p.name for p in path.parent.glob(f"{EVENT_FILE_PREFIX}*")), default=path.name)
-        translator = TensorboardTranslator(first, root.experiment or "tensorboard")
+        translator = TensorboardTranslator(
+            first, root.experiment or "tensorboard", root.finish_after_idle
+        )
         return DerivedRecord(LocalRunDir(path.parent), translator, state_dir, read_only=read_only)
     if root.derived:
         return DerivedRecord(

@@ -94,6 +94,11 @@ class S3Poller:
         with self._lock:
             return self._latest.get(uri)
 
+    def derived_records(self) -> list[str]:
+        """The records of the run directories listed under derived roots."""
+        with self._lock:
+            return [uri for uri in self._targets if uri in self._latest]
+
     def run_dir(self, uri: str) -> tuple[Root, S3RunDirRef] | None:
         """The run directory a derived root's record stands for (None: a plain record)."""
         with self._lock:

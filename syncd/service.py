@@ -576,7 +576,7 @@ class Daemon:
         known = self.ledger.all_records()
         queued = 0
         try:
-            for _root, path in iter_record_files(self.settings.roots):
+            for root, path in iter_record_files(self.settings.roots):
                 row = known.get(path.as_uri())
                 self.offsets.setdefault(path, row.offset if row else 0)
                 if row is not None and row.state in RETRY_STATES:
@@ -596,9 +596,19 @@ class Daemon:
                         self.backlog.add(path)
                         queued += 1
                     continue
-                if row is None or (row.size, row.mtime_ns) != (st.st_size, st.st_mtime_ns):
+                # a derived record is looked at on every rescan: its run directory's
+                # files are compared with its last translation (cheap when unchanged),
+                # and an idle DVCLive or TensorBoard run gets its end
+                if (
+                    root.derived
+                    or row is None
+                    or (row.size, row.mtime_ns) != (st.st_size, st.st_mtime_ns)
+                ):
                     self.backlog.add(path)
                     queued += 1
+            for uri in self.poller.derived_records() if self.poller is not None else ():
+                self.backlog.add(uri)
+                queued += 1
             for source, row in known.items():  # deleted files become "gone"
                 if row.state != "gone" and source.startswith("file://"):
                     path = path_from_uri(source)

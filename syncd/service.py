@@ -49,7 +49,7 @@ from syncd.logging import configure, redact_text
 from syncd.notify import Notifier, watchdog_interval
 from syncd.s3_poller import S3Poller
 from syncd.sink import MlflowSink, RetryPolicy
-from syncd.snapshot.derived import DerivedRecord
+from syncd.snapshot.derived import DerivedRecord, recheck_due
 from syncd.sources.local import LocalRecord, path_from_uri
 from syncd.sources.s3 import S3Record, client_for, forget_clients
 from syncd.supervisor import Supervisor
@@ -606,9 +606,12 @@ class Daemon:
                 ):
                     self.backlog.add(path)
                     queued += 1
+            # S3 run directories: the poller notices their changes; a rescan adds the
+            # idle runs due to end
             for uri in self.poller.derived_records() if self.poller is not None else ():
-                self.backlog.add(uri)
-                queued += 1
+                if recheck_due(self.settings.state_dir, uri, time.time()):
+                    self.backlog.add(uri)
+                    queued += 1
             for source, row in known.items():  # deleted files become "gone"
                 if row.state != "gone" and source.startswith("file://"):
                     path = path_from_uri(source)

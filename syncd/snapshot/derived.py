@@ -195,6 +195,22 @@ class S3RunDir:
         return resolve_artifact(self.client, self.bucket, self.prefix, path, artifact_path)
 
 
+def derived_folder(state_dir: Path, uri: str) -> Path:
+    """Where the derived record of the run directory whose primary file is ``uri`` lives."""
+    return state_dir / DERIVED_FOLDER / hashlib.sha256(uri.encode()).hexdigest()[:32]
+
+
+def recheck_due(state_dir: Path, uri: str, now: float) -> bool:
+    """The derived record at ``uri`` asked to be translated again by ``now`` though its
+    files did not change (an idle run to end), or was never translated."""
+    try:
+        known = json.loads((derived_folder(state_dir, uri) / "source.json").read_bytes())
+    except (OSError, ValueError):
+        return True
+    recheck = known.get("recheck_at") if isinstance(known, dict) else None
+    return isinstance(recheck, int | float) and recheck <= now
+
+
 def parse_document(name: str, raw: bytes) -> Any:
     """A snapshot file's content: JSON for ``*.json``, YAML otherwise; ValueError if bad."""
     text = raw.decode("utf-8")
@@ -314,11 +330,7 @@ class DerivedRecord:
             SnapshotTranslator(translator) if isinstance(translator, Mapping) else translator
         )
         self._uri = run_dir.uri_of(self.translator.primary)
-        self.folder = (
-            state_dir / DERIVED_FOLDER / hashlib.sha256(self._uri.encode()).hexdigest()[:32]
-            if state_dir is not None
-            else None
-        )
+        self.folder = derived_folder(state_dir, self._uri) if state_dir is not None else None
         self._memory = b""
         self._fd: int | None = None
         self.last: Translation | None = None

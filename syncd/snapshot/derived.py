@@ -159,7 +159,7 @@ class S3RunDir:
         return self.uri_of(rel)
 
     def read(self, rel: str, offset: int = 0, length: int | None = None) -> bytes | None:
-        from syncd.sources.s3 import S3SourceError, _not_found, describe_error
+        from syncd.sources.s3 import S3SourceError, _code, _not_found, describe_error
 
         last = "" if length is None else str(offset + max(length, 1) - 1)
         extra = {"Range": f"bytes={offset}-{last}"} if offset or length is not None else {}
@@ -169,6 +169,8 @@ class S3RunDir:
         except Exception as exc:
             if _not_found(exc):
                 return None
+            if offset and _code(exc) == "InvalidRange":  # from the end of the file: nothing
+                return b""
             raise S3SourceError(errno.EIO, describe_error(exc, self.uri_of(rel))) from exc
 
     def listing(self) -> dict[str, tuple[int, int]]:

@@ -502,3 +502,62 @@ def test_daemon_follows_snapshot_dvclive_and_tensorboard_roots_on_s3(
     assert values("dvc", "loss") == [float(r.split("\t")[2]) for r in rows]
     assert values("tb", "acc") == pytest.approx([0.5, 0.6, 0.7, 0.8])
     assert json.loads((scratch / "dvc" / "metrics.json").read_text())["step"] == 4
+
+
+def test_daemon_ends_an_idle_dvclive_run_on_s3_and_reopens_it_when_it_grows(
+    bucket: Bucket, tracking_uri: str, client: Any, workdir: Path
+) -> None:
+    import yaml
+
+    dvclive = pytest.importorskip("dvclive")
+    scratch = workdir / "scratch" / "dvc"
+    live = dvclive.Live(str(scratch), save_dvc_exp=False, resume=False)
+    for step in range(3):
+        live.log_metric("loss", 1.0 / (step + 1), timestamp=True)
+        live.next_step()
+    upload_folder(bucket, scratch, "dvc/ranker")
+    config = workdir / "syncd.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "roots": [
+                    {
+                        "path": bucket.uri("dvc"),
+                        "format": "dvclive",
+                        "experiment": "dvc",
+                        "finish_after_idle": 3,
+                    }
+                ],
+                "watch": {"rescan_interval": 0.5},
+            }
+        )
+    )
+    proc = start_daemon(workdir, tracking_uri, bucket.endpoint, "--config", str(config))
+
+    def run() -> Any:
+        exp = client.get_experiment_by_name("dvc")
+        found = client.search_runs([exp.experiment_id]) if exp else []
+        return found[0] if found else None
+
+    def last_ts() -> int:
+        rows = (scratch / "plots" / "metrics" / "loss.tsv").read_text().splitlines()
+        return int(rows[-1].split("\t")[0])
+
+    def points() -> int:
+        return len(history(client, run().info.run_id, "loss")) if run() else 0
+
+    try:
+        proc.wait_ready()
+        wait_for(lambda: run() and run().info.status == "FINISHED", 60, 0.1, "the idle end")
+        assert run().info.end_time == last_ts() and points() == 3
+
+        live.log_metric("loss", 0.1, timestamp=True)
+        live.next_step()
+        upload_folder(bucket, scratch, "dvc/ranker")
+        wait_for(lambda: points() == 4, 4 * POLL + 10, 0.1, "the new point")
+        wait_for(lambda: run().info.status == "FINISHED", 60, 0.1, "the second idle end")
+        assert run().info.end_time == last_ts()
+        assert proc.stop() == 0
+    finally:
+        proc.kill()
+    assert points() == 4

@@ -45,6 +45,7 @@ from syncd.snapshot.tensorboard import EVENT_FILE_PREFIX, TensorboardTranslator
 from syncd.sources import RecordFile, etag_of
 from syncd.sources.local import LocalRecord, find_records, path_from_uri
 from syncd.sources.s3 import (
+    S3Object,
     S3Record,
     S3SourceError,
     client_for,
@@ -235,19 +236,68 @@ def iter_records(
             continue
         client = client_for(root, timeout)
         try:
-            for obj in list_records(client, root.path, root.record_pattern):
-                if root.format == "snapshot":
-                    run_dir = S3RunDir(client, obj.bucket, posix_dirname(obj.key))
-                    yield (
-                        root,
-                        DerivedRecord(run_dir, root_mapping(root), state_dir, read_only=read_only),
-                    )
-                else:
-                    yield root, S3Record(client, obj.bucket, obj.key, obj)
+            listed = list_records(client, root.path, root.record_pattern)
+            if root.derived:
+                for run in s3_run_dirs(root, listed):
+                    yield root, s3_derived_record(root, client, run, state_dir, read_only=read_only)
+                continue
+            for obj in listed:
+                yield root, S3Record(client, obj.bucket, obj.key, obj)
         except S3SourceError as exc:
             if on_root_error is None:
                 raise
             on_root_error(root, exc)
+
+
+@dataclass(frozen=True, slots=True)
+class S3RunDirRef:
+    """A run directory of a derived s3:// root: where it is and which file names it."""
+
+    bucket: str
+    prefix: str  # the run directory's key prefix (no trailing slash)
+    primary: str  # the file (relative to ``prefix``) whose URI is the record's identity
+
+    @property
+    def uri(self) -> str:
+        """The record's URI (the ledger key): the primary file's."""
+        key = f"{self.prefix}/{self.primary}" if self.prefix else self.primary
+        return f"s3://{self.bucket}/{key}"
+
+
+def s3_run_dirs(root: Root, objects: Iterable[S3Object]) -> list[S3RunDirRef]:
+    """The run directories of a derived s3:// root, from the objects matching its
+    record pattern (a TensorBoard folder is one run, named by its first event file)."""
+    fixed = None if root.format == "tensorboard" else root_translator(root).primary
+    runs: dict[tuple[str, str], str] = {}
+    for obj in objects:
+        if fixed is not None and (obj.key == fixed or obj.key.endswith("/" + fixed)):
+            prefix = obj.key[: -len(fixed)].rstrip("/")
+        else:
+            prefix = posix_dirname(obj.key)
+        name = obj.key[len(prefix) + 1 :] if prefix else obj.key
+        known = runs.get((obj.bucket, prefix))
+        runs[(obj.bucket, prefix)] = min(known, name) if known else name
+    return [S3RunDirRef(bucket, prefix, primary) for (bucket, prefix), primary in runs.items()]
+
+
+def s3_derived_record(
+    root: Root,
+    client: Any,
+    run: S3RunDirRef,
+    state_dir: Path | None,
+    *,
+    read_only: bool = False,
+) -> DerivedRecord:
+    """The derived record of one run directory of a derived s3:// root."""
+    run_dir = S3RunDir(client, run.bucket, run.prefix)
+    translator: Translator
+    if root.format == "tensorboard":
+        translator = TensorboardTranslator(
+            run.primary, root.experiment or "tensorboard", root.finish_after_idle
+        )
+    else:
+        translator = root_translator(root)
+    return DerivedRecord(run_dir, translator, state_dir, read_only=read_only)
 
 
 def root_mapping(root: Root) -> Mapping:
@@ -257,7 +307,7 @@ def root_mapping(root: Root) -> Mapping:
 
 def root_translator(root: Root) -> Translator:
     if root.format == "dvclive":
-        return DvcliveTranslator(root.experiment or "dvclive")
+        return DvcliveTranslator(root.experiment or "dvclive", root.finish_after_idle)
     return SnapshotTranslator(root_mapping(root))
 
 
@@ -267,7 +317,9 @@ def record_at(
     """The record a discovered local file stands for under ``root``."""
     if root.format == "tensorboard":  # the folder's first event file names its run
         first = min((p.name for p in path.parent.glob(f"{EVENT_FILE_PREFIX}*")), default=path.name)
-        translator = TensorboardTranslator(first, root.experiment or "tensorboard")
+        translator = TensorboardTranslator(
+            first, root.experiment or "tensorboard", root.finish_after_idle
+        )
         return DerivedRecord(LocalRunDir(path.parent), translator, state_dir, read_only=read_only)
     if root.derived:
         return DerivedRecord(

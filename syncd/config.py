@@ -158,6 +158,10 @@ class Root(_Section):
         Literal["records", "snapshot", "dvclive", "tensorboard"], BeforeValidator(_lower)
     ] = "records"
     mapping: str | None = None
+    # dvclive and tensorboard roots: seconds without a change to a run's folder after
+    # which its MLflow run is FINISHED (ended at its last data point); data arriving
+    # later re-opens it (RUNNING). null: runs stay RUNNING
+    finish_after_idle: float | None = Field(default=600.0, gt=0)
 
     @model_validator(mode="before")
     @classmethod

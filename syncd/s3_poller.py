@@ -20,10 +20,12 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from typing import Any
 
 import structlog
 
+from syncd.backfill import S3RunDirRef, s3_run_dirs
 from syncd.config import Root
 from syncd.logging import redact_text
 from syncd.sources.s3 import (
@@ -33,7 +35,10 @@ from syncd.sources.s3 import (
     S3SourceError,
     client_for,
     forget_client,
+    glob_regex,
     list_records,
+    posix_dirname,
+    split_uri,
 )
 
 log = structlog.get_logger("syncd.s3")
@@ -58,9 +63,10 @@ class S3Poller:
         self.interval = interval
         self.timeout = timeout
         self.on_status = on_status or (lambda _root, _error: None)
-        self._seen: dict[str, dict[str, S3Object]] = {}
+        self._seen: dict[str, dict[str, Hashable]] = {}
         self._latest: dict[str, S3Object] = {}
         self._root_of: dict[str, Root] = {}
+        self._targets: dict[str, S3RunDirRef] = {}
         self._failures: dict[str, int] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -87,6 +93,25 @@ class S3Poller:
     def lookup(self, uri: str) -> S3Object | None:
         with self._lock:
             return self._latest.get(uri)
+
+    def derived_records(self) -> list[str]:
+        """The records of the run directories listed under derived roots."""
+        with self._lock:
+            return [uri for uri in self._targets if uri in self._latest]
+
+    def run_dir(self, uri: str) -> tuple[Root, S3RunDirRef] | None:
+        """The run directory a derived root's record stands for (None: a plain record)."""
+        with self._lock:
+            target = self._targets.get(uri)
+            root = self._root_of.get(uri)
+        if target is None:
+            return None
+        if root is None:
+            root = next(
+                (r for r in self.roots if uri.startswith(r.path.rstrip("/") + "/")),
+                self.roots[0],
+            )
+        return root, target
 
     def record(self, uri: str) -> S3Record:
         """The record at ``uri``, answering its first stat() from the latest listing."""
@@ -117,7 +142,11 @@ class S3Poller:
         started = time.perf_counter()
         try:
             client = client_for(root, self.timeout)
-            listing = {obj.uri: obj for obj in list_records(client, root.path, root.pattern)}
+            if root.derived:
+                listing, states, targets = derived_listing(root, client)
+            else:
+                listing = {obj.uri: obj for obj in list_records(client, root.path, root.pattern)}
+                states, targets = dict(listing), {}
         except S3SourceError as exc:
             if exc.code in CREDENTIAL_CODES:
                 forget_client(root, self.timeout)  # the next try reads the credentials anew
@@ -144,16 +173,17 @@ class S3Poller:
         self.on_status(root.path, None)
         previous = self._seen.get(root.path)
         changed = [
-            uri for uri, obj in listing.items() if previous is None or previous.get(uri) != obj
+            uri for uri, state in states.items() if previous is None or previous.get(uri) != state
         ]
-        gone = [uri for uri in previous or () if uri not in listing]
+        gone = [uri for uri in previous or () if uri not in states]
         with self._lock:
             for uri in gone:
                 self._latest.pop(uri, None)
                 self._root_of.pop(uri, None)
             self._latest.update(listing)
             self._root_of.update(dict.fromkeys(listing, root))
-        self._seen[root.path] = listing
+            self._targets.update(targets)  # kept when gone: the record is derived still
+        self._seen[root.path] = states
         for uri in changed + gone:
             self.notice(uri)
         log.debug(
@@ -165,3 +195,31 @@ class S3Poller:
             seconds=round(time.perf_counter() - started, 3),
         )
         return self.interval
+
+
+def derived_listing(
+    root: Root, client: Any
+) -> tuple[dict[str, S3Object], dict[str, Hashable], dict[str, S3RunDirRef]]:
+    """One listing of a derived root (snapshot, dvclive, tensorboard): per run directory,
+    its primary object, its state (every object under it: key, size, ETag,
+    LastModified; any change to any of its files changes it) and where it is."""
+    objects = list(list_records(client, root.path, "**"))
+    _bucket, prefix = split_uri(root.path)
+    base = f"{prefix}/" if prefix else ""
+    regex = glob_regex(root.record_pattern)
+    runs = s3_run_dirs(root, (o for o in objects if regex.fullmatch(o.key[len(base) :])))
+    by_prefix = {(run.bucket, run.prefix): run for run in runs}
+    files: dict[str, list[tuple[str, int, str, int]]] = {run.uri: [] for run in runs}
+    for obj in objects:
+        folder = posix_dirname(obj.key)
+        while True:
+            run = by_prefix.get((obj.bucket, folder))
+            if run is not None:
+                files[run.uri].append((obj.key, obj.size, obj.etag, obj.last_modified_ns))
+            if not folder:
+                break
+            folder = posix_dirname(folder)
+    by_uri = {obj.uri: obj for obj in objects}
+    listing = {run.uri: by_uri[run.uri] for run in runs if run.uri in by_uri}
+    states: dict[str, Hashable] = {uri: tuple(sorted(found)) for uri, found in files.items()}
+    return listing, states, {run.uri: run for run in runs}

@@ -37,6 +37,7 @@ from syncd.backfill import (
     record_at,
     record_locator,
     root_experiments,
+    s3_derived_record,
     sink_key,
 )
 from syncd.config import Settings, load_config
@@ -48,9 +49,9 @@ from syncd.logging import configure, redact_text
 from syncd.notify import Notifier, watchdog_interval
 from syncd.s3_poller import S3Poller
 from syncd.sink import MlflowSink, RetryPolicy
-from syncd.snapshot.derived import DerivedRecord
+from syncd.snapshot.derived import DerivedRecord, recheck_due
 from syncd.sources.local import LocalRecord, path_from_uri
-from syncd.sources.s3 import S3Record, forget_clients
+from syncd.sources.s3 import S3Record, client_for, forget_clients
 from syncd.supervisor import Supervisor
 from syncd.watch import Watcher
 from syncd.writers import WriterPool, writer_count
@@ -463,6 +464,11 @@ class Daemon:
                 return record_at(root, key, self.settings.state_dir)
             return LocalRecord(key)
         assert self.poller is not None
+        found = self.poller.run_dir(key)
+        if found is not None:  # a run directory of a snapshot, dvclive or tensorboard root
+            root, run = found
+            client = client_for(root, self.settings.timeouts.http)
+            return s3_derived_record(root, client, run, self.settings.state_dir)
         return self.poller.record(key)
 
     def _requeue(self, items: list[tuple[Key, float]]) -> None:
@@ -572,7 +578,7 @@ class Daemon:
         known = self.ledger.all_records()
         queued = 0
         try:
-            for _root, path in iter_record_files(self.settings.roots):
+            for root, path in iter_record_files(self.settings.roots):
                 row = known.get(path.as_uri())
                 self.offsets.setdefault(path, row.offset if row else 0)
                 if row is not None and row.state in RETRY_STATES:
@@ -592,8 +598,21 @@ class Daemon:
                         self.backlog.add(path)
                         queued += 1
                     continue
-                if row is None or (row.size, row.mtime_ns) != (st.st_size, st.st_mtime_ns):
+                # a derived record is looked at on every rescan: its run directory's
+                # files are compared with its last translation (cheap when unchanged),
+                # and an idle DVCLive or TensorBoard run gets its end
+                if (
+                    root.derived
+                    or row is None
+                    or (row.size, row.mtime_ns) != (st.st_size, st.st_mtime_ns)
+                ):
                     self.backlog.add(path)
+                    queued += 1
+            # S3 run directories: the poller notices their changes; a rescan adds the
+            # idle runs due to end
+            for uri in self.poller.derived_records() if self.poller is not None else ():
+                if recheck_due(self.settings.state_dir, uri, time.time()):
+                    self.backlog.add(uri)
                     queued += 1
             for source, row in known.items():  # deleted files become "gone"
                 if row.state != "gone" and source.startswith("file://"):

@@ -55,6 +55,10 @@ class RunDir(Protocol):
         """Every file (relative POSIX path) -> (size, mtime_ns)."""
         ...
 
+    def fingerprint(self) -> list[list[Any]]:
+        """Every file with what tells a change: [path, size, mtime_ns] (S3: and the ETag)."""
+        ...
+
     def resolve_artifact(self, path: str, artifact_path: str | None) -> ResolvedArtifact: ...
 
 
@@ -126,6 +130,9 @@ class LocalRunDir:
                 out[full.relative_to(self.path).as_posix()] = (st.st_size, st.st_mtime_ns)
         return out
 
+    def fingerprint(self) -> list[list[Any]]:
+        return [[rel, size, mtime] for rel, (size, mtime) in sorted(self.listing().items())]
+
     def resolve_artifact(self, path: str, artifact_path: str | None) -> ResolvedArtifact:
         return resolve_local_artifact(self.path, path, artifact_path)
 
@@ -152,7 +159,7 @@ class S3RunDir:
         return self.uri_of(rel)
 
     def read(self, rel: str, offset: int = 0, length: int | None = None) -> bytes | None:
-        from syncd.sources.s3 import S3SourceError, _not_found, describe_error
+        from syncd.sources.s3 import S3SourceError, _code, _not_found, describe_error
 
         last = "" if length is None else str(offset + max(length, 1) - 1)
         extra = {"Range": f"bytes={offset}-{last}"} if offset or length is not None else {}
@@ -162,6 +169,8 @@ class S3RunDir:
         except Exception as exc:
             if _not_found(exc):
                 return None
+            if offset and _code(exc) == "InvalidRange":  # from the end of the file: nothing
+                return b""
             raise S3SourceError(errno.EIO, describe_error(exc, self.uri_of(rel))) from exc
 
     def listing(self) -> dict[str, tuple[int, int]]:
@@ -173,10 +182,35 @@ class S3RunDir:
             for obj in list_records(self.client, self.display, "**")
         }
 
+    def fingerprint(self) -> list[list[Any]]:
+        from syncd.sources.s3 import list_records
+
+        base = f"{self.prefix}/" if self.prefix else ""
+        return [
+            [obj.key[len(base) :], obj.size, obj.last_modified_ns, obj.etag]
+            for obj in list_records(self.client, self.display, "**")
+        ]
+
     def resolve_artifact(self, path: str, artifact_path: str | None) -> ResolvedArtifact:
         from syncd.sources.s3 import resolve_artifact
 
         return resolve_artifact(self.client, self.bucket, self.prefix, path, artifact_path)
+
+
+def derived_folder(state_dir: Path, uri: str) -> Path:
+    """Where the derived record of the run directory whose primary file is ``uri`` lives."""
+    return state_dir / DERIVED_FOLDER / hashlib.sha256(uri.encode()).hexdigest()[:32]
+
+
+def recheck_due(state_dir: Path, uri: str, now: float) -> bool:
+    """The derived record at ``uri`` asked to be translated again by ``now`` though its
+    files did not change (an idle run to end), or was never translated."""
+    try:
+        known = json.loads((derived_folder(state_dir, uri) / "source.json").read_bytes())
+    except (OSError, ValueError):
+        return True
+    recheck = known.get("recheck_at") if isinstance(known, dict) else None
+    return isinstance(recheck, int | float) and recheck <= now
 
 
 def parse_document(name: str, raw: bytes) -> Any:
@@ -298,11 +332,7 @@ class DerivedRecord:
             SnapshotTranslator(translator) if isinstance(translator, Mapping) else translator
         )
         self._uri = run_dir.uri_of(self.translator.primary)
-        self.folder = (
-            state_dir / DERIVED_FOLDER / hashlib.sha256(self._uri.encode()).hexdigest()[:32]
-            if state_dir is not None
-            else None
-        )
+        self.folder = derived_folder(state_dir, self._uri) if state_dir is not None else None
         self._memory = b""
         self._fd: int | None = None
         self.last: Translation | None = None
@@ -355,9 +385,20 @@ class DerivedRecord:
     def resolve_artifact(self, path: str, artifact_path: str | None) -> ResolvedArtifact:
         return self.run_dir.resolve_artifact(path, artifact_path)
 
+    translations = 0  # run directories translated in this process (skips not counted)
+
     def refresh(self) -> Translation | None:
-        """Append what changed in the run directory since the last refresh (if anything)."""
+        """Append what changed in the run directory since the last refresh (if anything).
+
+        A run directory whose files are unchanged since the last translation (same
+        paths, sizes, mtimes; on S3 also ETags, per the ``source.json`` beside the
+        derived record) is not read again, unless the translator asked to look again
+        at a time now past (``Translation.recheck_at``).
+        """
         with self._locked():
+            fingerprint = self.run_dir.fingerprint()
+            if self._unchanged(fingerprint):
+                return None
             content = self._read()
             keep, seq, state = _lines_state(content)
             if keep != len(content):
@@ -365,12 +406,63 @@ class DerivedRecord:
             translation = self.translator.translate(
                 self.run_dir, state, default_record_id(self._uri)
             )
+            DerivedRecord.translations += 1
             self.last = translation
-            if state is not None and not translation.events and not translation.new_problems:
-                return None
-            data = encode_events(batch_of(translation), seq + 1, int(time.time() * 1000))
-            self._append(data)
-            return translation
+            appended = state is None or bool(translation.events or translation.new_problems)
+            if appended:
+                data = encode_events(batch_of(translation), seq + 1, int(time.time() * 1000))
+                self._append(data)
+            self._remember(fingerprint, translation.recheck_at)
+            return translation if appended else None
+
+    def _translator_key(self) -> str:
+        """What else the translation depends on (a changed mapping translates again)."""
+        t = self.translator
+        if isinstance(t, SnapshotTranslator):
+            return "snapshot:" + hashlib.sha256(t.mapping.model_dump_json().encode()).hexdigest()
+        options = {k: v for k, v in vars(t).items() if isinstance(v, str | int | float | None)}
+        return f"{type(t).__name__}:{json.dumps(options, sort_keys=True)}"
+
+    @property
+    def _source_path(self) -> Path | None:
+        return self.folder / "source.json" if self.folder is not None else None
+
+    def _unchanged(self, fingerprint: list[list[Any]]) -> bool:
+        """The sources and the derived record are as the last translation left them."""
+        if self._source_path is None or self.path is None:
+            return False
+        try:
+            known = json.loads(self._source_path.read_bytes())
+            size = os.stat(self.path).st_size
+        except (OSError, ValueError):
+            return False
+        if not isinstance(known, dict) or known.get("derived_size") != size:
+            return False
+        if known.get("translator") != self._translator_key():
+            return False
+        recheck = known.get("recheck_at")
+        if isinstance(recheck, int | float) and time.time() >= recheck:
+            return False
+        return bool(known.get("files") == fingerprint)
+
+    def _remember(self, fingerprint: list[list[Any]], recheck_at: float | None) -> None:
+        """Written after the derived record: a crash between the two only costs a
+        translation that finds nothing new."""
+        if self._source_path is None or self.path is None:
+            return
+        try:
+            size = os.stat(self.path).st_size
+        except FileNotFoundError:
+            return
+        body = {
+            "files": fingerprint,
+            "derived_size": size,
+            "recheck_at": recheck_at,
+            "translator": self._translator_key(),
+        }
+        tmp = self._source_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(body, separators=(",", ":")))
+        os.replace(tmp, self._source_path)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:

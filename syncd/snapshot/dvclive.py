@@ -13,10 +13,17 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from syncd.snapshot.translate import CHANGED_TAG_PREFIX, Problem, Translation, finish
+from syncd.snapshot.translate import (
+    CHANGED_TAG_PREFIX,
+    Problem,
+    Translation,
+    finish,
+    idle_end,
+)
 
 if TYPE_CHECKING:
     from syncd.snapshot.derived import RunDir
@@ -200,8 +207,11 @@ class DvcliveTranslator:
 
     primary = PRIMARY
 
-    def __init__(self, experiment: str | None = None) -> None:
+    def __init__(
+        self, experiment: str | None = None, finish_after_idle: float | None = None
+    ) -> None:
         self.experiment = experiment
+        self.finish_after_idle = finish_after_idle  # seconds; None: never finished
 
     def translate(
         self, run_dir: RunDir, state: dict[str, Any] | None, default_record_id: str
@@ -252,7 +262,12 @@ class DvcliveTranslator:
         )
         result = translate_dvclive(state, view, default_record_id=default_record_id)
         result.start_ms = min([t.mtime_ms for t in tails] + [view.summary_mtime_ms])
-        return result
+        read = [
+            mtime
+            for rel, (_size, mtime) in listing.items()
+            if rel in (PRIMARY, PARAMS) or (rel.startswith(HISTORIES) and rel.endswith(".tsv"))
+        ]
+        return idle_end(result, state, read, self.finish_after_idle, time.time())
 
 
 __all__ = ["DvcliveTranslator", "DvcliveView", "TsvTail", "translate_dvclive"]

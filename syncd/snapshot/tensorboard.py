@@ -11,10 +11,11 @@ from __future__ import annotations
 import errno
 import math
 import struct
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from syncd.snapshot.translate import Problem, Translation
+from syncd.snapshot.translate import Problem, Translation, idle_end
 
 if TYPE_CHECKING:
     from syncd.snapshot.derived import RunDir
@@ -122,9 +123,12 @@ def decode(
 class TensorboardTranslator:
     """Reads the event files of one folder through a RunDir and translates them."""
 
-    def __init__(self, primary: str, experiment: str | None = None) -> None:
+    def __init__(
+        self, primary: str, experiment: str | None = None, finish_after_idle: float | None = None
+    ) -> None:
         self.primary = primary  # the folder's first event file: the record's identity
         self.experiment = experiment
+        self.finish_after_idle = finish_after_idle  # seconds; None: never finished
 
     def translate(
         self, run_dir: RunDir, state: dict[str, Any] | None, default_record_id: str
@@ -190,7 +194,8 @@ class TensorboardTranslator:
         out.state = new_state
         first = [e["ts"] for e in out.events if "ts" in e]
         out.start_ms = min(first) if first else listing[self.primary][1] // 1_000_000
-        return out
+        mtimes = [listing[rel][1] for rel in names]
+        return idle_end(out, state, mtimes, self.finish_after_idle, time.time())
 
 
 __all__ = ["TensorboardTranslator", "decode", "frames"]

@@ -71,6 +71,8 @@ class Translation:
     problems: list[Problem] = field(default_factory=list)  # every problem seen now
     new_problems: list[Problem] = field(default_factory=list)  # not reported before
     start_ms: int | None = None  # the run's start time, when the sources tell it
+    # epoch seconds: translate again then even if no file changed (None: only on change)
+    recheck_at: float | None = None
 
 
 class _Missing:
@@ -438,6 +440,43 @@ def finish(out: Translation, state: dict[str, Any]) -> Translation:
             out.new_problems.append(problem)
     state["problems"] = sorted(seen)
     out.state = state
+    return out
+
+
+def idle_end(
+    out: Translation,
+    previous: dict[str, Any] | None,
+    source_mtimes_ns: list[int],
+    finish_after_idle: float | None,
+    now: float,
+) -> Translation:
+    """Give a folder-based run (DVCLive, TensorBoard) an end, in place on ``out``.
+
+    Once no source file has changed for ``finish_after_idle`` seconds, a
+    ``run_finished`` (FINISHED) is appended, timed at the last data point's wall time
+    (the newest file's mtime when there is none). A finished run whose folder yields
+    new data again gets a ``run_resumed`` before it (RUNNING again), and finishes
+    again once idle. While the run is not finished, ``out.recheck_at`` says when to
+    look again though nothing changed. ``None``: never finished by idleness.
+    """
+    prev = previous or {}
+    state = out.state
+    points = [int(e["ts"]) for e in out.events if e["type"] == "metrics" and "ts" in e]
+    last_ms = max([*points, int(prev.get("last_ms") or 0)]) or None
+    state["last_ms"] = last_ms
+    finished = bool(prev.get("finished"))
+    if finished and any(e["type"] != "run_started" for e in out.events):
+        out.events.insert(0, {"type": "run_resumed"})
+        finished = False
+    newest = max(source_mtimes_ns, default=0) / 1e9
+    if not finished and finish_after_idle is not None:
+        if now - newest >= finish_after_idle:
+            end_ms = last_ms if last_ms is not None else int(newest * 1000)
+            out.events.append({"type": "run_finished", "status": "FINISHED", "ts": end_ms})
+            finished = True
+        else:
+            out.recheck_at = newest + finish_after_idle
+    state["finished"] = finished
     return out
 
 

@@ -20,6 +20,7 @@ record_id -> run index holds only ids.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ from syncd.verify.expected import (
     read_expected,
 )
 from syncd.verify.views import LedgerView, MlflowView
+
+SourceRecord = LocalRecord | S3Record | DerivedRecord
 
 __all__ = [
     "Difference",
@@ -168,29 +171,75 @@ def _results(
     from syncd.backfill import iter_records
 
     started = time.perf_counter()
+
+    def records() -> Iterator[tuple[Root, SourceRecord]]:
+        # A snapshot root's records are what syncd derived so far (read, not derived anew).
+        return iter_records(roots, timeout=timeout, state_dir=state_dir, read_only=True)
+
+    def counted(result: RecordResult) -> RecordResult:
+        totals.add(result)
+        totals.duration_s = round(time.perf_counter() - started, 3)
+        return result
+
     try:
         index = view.index()
-        # A snapshot root's records are what syncd derived so far (read, not derived anew).
-        records = iter_records(roots, timeout=timeout, state_dir=state_dir, read_only=True)
-        for root, record in records:
-            result = verify_one(record, root.experiment, view, index, ledger)
-            totals.add(result)
-            totals.duration_s = round(time.perf_counter() - started, 3)
-            yield result
+        # Records continuing a run by mlflow_run_id (their first line tells) are compared
+        # together with the record that created the run, when it is under the roots.
+        continuing: dict[str, list[tuple[Root, SourceRecord]]] = {}
+        resumers: set[str] = set()
+        for root, record in records():
+            run_id = continued_run(record)
+            if run_id is not None:
+                continuing.setdefault(run_id, []).append((root, record))
+                resumers.add(record.uri)
+            else:
+                record.close()
+        folded: set[str] = set()
+        for root, record in records():
+            if record.uri in resumers:
+                record.close()
+                continue
+            for result in verify_one(
+                record, root.experiment, view, index, ledger, continued_by=continuing
+            ):
+                if result.file != record.display:
+                    folded.add(result.file)
+                yield counted(result)
+        for group in continuing.values():
+            for root, record in group:
+                if record.display not in folded:
+                    for result in verify_one(record, root.experiment, view, index, ledger):
+                        yield counted(result)
     finally:
         if ledger is not None:
             ledger.close()
     totals.duration_s = round(time.perf_counter() - started, 3)
 
 
-def verify_one(
-    record: LocalRecord | S3Record | DerivedRecord,
-    default_experiment: str | None,
-    view: MlflowView,
-    index: dict[str, list[RunRef]],
-    ledger: LedgerView | None,
-) -> RecordResult:
-    """Expected vs found for one record (its history is summarised, then dropped)."""
+def continued_run(record: SourceRecord) -> str | None:
+    """The ``mlflow_run_id`` of the record's first line (``run_started``), if any."""
+    try:
+        head = record.read_at(0, 65536)
+    except OSError:
+        return None
+    finally:
+        record.close()
+    first = head.split(b"\n", 1)[0]
+    try:
+        obj = json.loads(first)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or obj.get("type") != "run_started":
+        return None
+    run_id = obj.get("mlflow_run_id")
+    return run_id if isinstance(run_id, str) and run_id else None
+
+
+def _expected_of(
+    record: SourceRecord, default_experiment: str | None, ledger: LedgerView | None
+) -> tuple[Expected | None, list[Difference]]:
+    """The record's expected state and its progress differences (None: nothing to
+    expect, the differences say why)."""
     progress: list[Difference] = []
     try:
         try:
@@ -205,10 +254,9 @@ def verify_one(
                 record, default_experiment=default_experiment, artifact_sizes=sizes
             )
         except FileNotFoundError:
-            return RecordResult(record.display, None, None, [])  # gone since it was found
+            return None, []  # gone since it was found
         except OSError as exc:
-            unreadable = Difference("unreadable", "record file", "readable", str(exc))
-            return RecordResult(record.display, None, None, [unreadable])
+            return None, [Difference("unreadable", "record file", "readable", str(exc))]
         if ledger is not None:
             row = ledger.record(record.uri)
             reason = None
@@ -218,15 +266,59 @@ def verify_one(
             progress = compare_progress(expected, row, reason)
     finally:
         record.close()
+    return expected, progress
+
+
+def verify_one(
+    record: SourceRecord,
+    default_experiment: str | None,
+    view: MlflowView,
+    index: dict[str, list[RunRef]],
+    ledger: LedgerView | None,
+    *,
+    continued_by: dict[str, list[tuple[Root, SourceRecord]]] | None = None,
+) -> list[RecordResult]:
+    """Expected vs found for one record (its history is summarised, then dropped).
+
+    A record that continues another's run (``mlflow_run_id``) is compared with that
+    run, found by its id, for what it writes. The records of ``continued_by`` that
+    continue this record's run are folded into what it expects (in the order they
+    started) and the run is compared once: their results follow, with their own
+    progress only.
+    """
+    expected, progress = _expected_of(record, default_experiment, ledger)
+    if expected is None or expected.record_id is None:
+        # unreadable, gone, or no valid run_started: a sync projects nothing of it
+        rid = expected.record_id if expected is not None else None
+        return [RecordResult(record.display, rid, None, progress)]
     rid = expected.record_id
-    if rid is None:  # no valid run_started: a sync projects nothing of this record
-        return RecordResult(record.display, None, None, progress)
+    if expected.mlflow_run_id is not None:
+        run_id = expected.mlflow_run_id
+        if not view.exists(run_id):
+            missing = Difference("run_missing", "run", f"run {run_id} (mlflow_run_id)", "none")
+            return [RecordResult(record.display, rid, None, [missing, *progress])]
+        found = view.fetch(run_id, expected)
+        diffs = compare(expected, found, parent_run_id=None, parent_known=False)
+        return [RecordResult(record.display, rid, run_id, [*diffs, *progress])]
     refs = index.get(rid, [])
     ledger_run = ledger.run_id(rid) if ledger is not None else None
     diffs = compare_index(expected, refs, ledger_run)
     if not refs:
-        return RecordResult(record.display, rid, None, [*diffs, *progress])
+        return [RecordResult(record.display, rid, None, [*diffs, *progress])]
     chosen = pick_run(refs, ledger_run)
+    later: list[RecordResult] = []
+    folded: list[tuple[int, str, Expected, RecordResult]] = []
+    for root, other in (continued_by or {}).get(chosen.run_id, []):
+        more, more_progress = _expected_of(other, root.experiment, ledger)
+        result = RecordResult(other.display, None, chosen.run_id, more_progress)
+        if more is not None:
+            result.record_id = more.record_id
+            folded.append((more.begun or 0, other.display, more, result))
+        else:
+            later.append(result)
+    for _start, _display, more, result in sorted(folded, key=lambda t: (t[0], t[1])):
+        expected.absorb(more)
+        later.append(result)
     found = view.fetch(chosen.run_id, expected)
     parent_run_id: str | None = None
     parent_known = False
@@ -237,4 +329,4 @@ def verify_one(
             parent_ledger = ledger.run_id(expected.parent_record_id) if ledger else None
             parent_run_id = pick_run(parents, parent_ledger).run_id
     diffs += compare(expected, found, parent_run_id=parent_run_id, parent_known=parent_known)
-    return RecordResult(record.display, rid, chosen.run_id, [*diffs, *progress])
+    return [RecordResult(record.display, rid, chosen.run_id, [*diffs, *progress]), *later]

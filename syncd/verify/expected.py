@@ -131,11 +131,51 @@ class Expected:
     size: int = 0  # the file's size when read
     fingerprint: str | None = None
     blocked_at: int | None = None  # line number held back (a newer format version)
+    # the MLflow run this record continues (``mlflow_run_id``): it is found by that id,
+    # and only what this record writes is expected of it (see ``Expected.partial``)
+    mlflow_run_id: str | None = None
+    status_set: bool = False  # the record changes the run's status (run_finished, ...)
+    begun: int | None = None  # the record's run_started time (orders continuing records)
+
+    @property
+    def partial(self) -> bool:
+        """The record writes into a run it did not create: its start time, name and
+        experiment are the run's own, and other records write into it too."""
+        return self.mlflow_run_id is not None
+
+    def absorb(self, later: Expected) -> None:
+        """Fold in what a record continuing this record's run (``mlflow_run_id``, synced
+        after it) writes there: MLflow keeps the first value of a param, the latest of a
+        tag or an artifact file, every metric point, and the latest status change."""
+        for key, value in later.params.items():
+            self.params.setdefault(key, value)
+        self.tags.update(later.tags)
+        for key, summary in later.metrics.items():
+            mine = self.metrics.get(key)
+            if mine is None:
+                self.metrics[key] = summary
+                continue
+            mine.count += summary.count
+            if summary.last is not None and (
+                mine.last is None or _point_order(*summary.last) > _point_order(*mine.last)
+            ):
+                mine.last = summary.last
+        self.artifacts.update(later.artifacts)
+        self.datasets |= later.datasets
+        if later.status_set:
+            self.status, self.end_time = later.status, later.end_time
 
     def add_plan(self, plan: WritePlan, artifact_sizes: ArtifactSizes | None) -> None:
         """Fold one chunk's write plan in (chunks in record order); artifacts are expected
         when ``artifact_sizes`` can tell what an artifact event uploads."""
-        if plan.run is not None:
+        if plan.run is not None and plan.run.mlflow_run_id:
+            spec = plan.run  # an existing run: its experiment, start, name and status stay
+            self.record_id = spec.record_id
+            self.mlflow_run_id = spec.mlflow_run_id
+            self.begun = spec.start_time
+            self.parent_record_id = spec.parent_record_id
+            self.tags.update(spec.tags)
+        elif plan.run is not None:
             spec = plan.run
             self.record_id = spec.record_id
             self.experiment = spec.experiment
@@ -170,6 +210,7 @@ class Expected:
         for ds in plan.datasets:
             self.datasets.add((ds.name, ds.digest))
         if plan.status is not None:
+            self.status_set = True
             self.status = plan.status.status
             if plan.status.end_time is not None:  # resuming keeps the old end time
                 self.end_time = plan.status.end_time

@@ -117,6 +117,19 @@ class MlflowView:
                     break
         return out
 
+    def exists(self, run_id: str) -> bool:
+        """MLflow knows the run (deleted or not)."""
+        try:
+            run = self.client.get_run(run_id)
+        except Exception as exc:
+            if isinstance(classify(exc), PermanentSinkError):
+                return False
+            self._call(self.client.get_run, run_id)  # transient: retried, raises when it stays
+            return True
+        if not self.experiments:
+            self.load_experiments()
+        return run is not None
+
     def fetch(self, run_id: str, expected: Expected) -> Found:
         """The run's details: attributes, params, tags, inputs, the metric summaries and
         the artifact files in the folders ``expected`` has files in."""

@@ -168,3 +168,140 @@ def test_sigkills_while_histories_grow_lose_and_duplicate_nothing(
         assert points == [
             (step, 1_700_000_000_000 + step * 10, step / 7) for step in range(rows[folder])
         ], folder.name
+
+
+def age(folder: Path, seconds: float) -> None:
+    """Every file of the folder last written ``seconds`` ago (a job that went quiet)."""
+    import time
+
+    when = time.time() - seconds
+    for path in folder.rglob("*"):
+        if path.is_file():
+            os.utime(path, (when, when))
+
+
+def test_an_idle_folder_finishes_its_run_and_reopens_when_it_grows(
+    workdir: Path, tracking_uri: str, client: Any
+) -> None:
+    root = workdir / "experiments"
+    folder = root / "ranker" / "dvclive"
+    live = dvclive.Live(str(folder), save_dvc_exp=False, resume=False)
+    for step in range(3):
+        live.log_metric("loss", 1.0 / (step + 1), timestamp=True)
+        live.next_step()
+    live.end()  # DVCLive writes no end marker to the folder: idleness ends the run
+
+    def run() -> Any:
+        (found,) = client.search_runs([client.get_experiment_by_name("dvc").experiment_id])
+        return found
+
+    def last_ts() -> int:
+        return int(tsv_rows(folder / "plots" / "metrics" / "loss.tsv")[-1][0])
+
+    def backfill_once() -> Summary:
+        settings = load_config(
+            None,
+            overrides={
+                "roots": [
+                    {
+                        "path": str(root),
+                        "format": "dvclive",
+                        "experiment": "dvc",
+                        "finish_after_idle": 600,
+                    }
+                ],
+                "tracking_uri": tracking_uri,
+                "state_dir": str(workdir / ".syncd"),
+            },
+            env={},
+        )
+        summary = backfill(settings)
+        assert summary.clean, summary.errors
+        return summary
+
+    backfill_once()
+    assert run().info.status == "RUNNING"  # written just now: maybe still training
+
+    age(folder, 3600)
+    backfill_once()
+    assert run().info.status == "FINISHED"
+    assert run().info.end_time == last_ts()  # the last data point's wall time
+
+    # the job goes on in the same folder after all: its new points still land
+    live = dvclive.Live(str(folder), save_dvc_exp=False, resume=True)
+    for _ in range(2):
+        live.log_metric("loss", 1.0 / (live.step + 1), timestamp=True)
+        live.next_step()
+    live.end()
+    backfill_once()
+    assert run().info.status == "RUNNING"
+    assert len(history(client, run().info.run_id, "loss")) == 5
+
+    age(folder, 3600)
+    backfill_once()
+    assert run().info.status == "FINISHED"
+    assert run().info.end_time == last_ts()
+    assert len(history(client, run().info.run_id, "loss")) == 5  # nothing twice
+
+
+@pytest.mark.slow
+def test_the_daemon_finishes_an_idle_run_and_reopens_it_when_training_goes_on(
+    workdir: Path, tracking_uri: str, client: Any
+) -> None:
+    import yaml
+    from daemon_helpers import SyncdProcess, wait_for
+
+    root = workdir / "experiments"
+    folder = root / "ranker" / "dvclive"
+    live = dvclive.Live(str(folder), save_dvc_exp=False, resume=False)
+    for step in range(3):
+        live.log_metric("loss", 1.0 / (step + 1), timestamp=True)
+        live.next_step()
+    config = workdir / "syncd.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "roots": [
+                    {
+                        "path": str(root),
+                        "format": "dvclive",
+                        "experiment": "dvc",
+                        "finish_after_idle": 3,
+                    }
+                ],
+                "tracking_uri": tracking_uri,
+                "state_dir": str(workdir / ".syncd"),
+                "watch": {"rescan_interval": 0.5},
+            }
+        )
+    )
+    daemon = SyncdProcess(workdir, "--config", str(config))
+
+    def run() -> Any:
+        exp = client.get_experiment_by_name("dvc")
+        found = client.search_runs([exp.experiment_id]) if exp else []
+        return found[0] if found else None
+
+    def last_ts() -> int:
+        return int(tsv_rows(folder / "plots" / "metrics" / "loss.tsv")[-1][0])
+
+    try:
+        daemon.wait_ready()
+        wait_for(lambda: run() and run().info.status == "FINISHED", 60, 0.1, "the idle end")
+        assert run().info.end_time == last_ts()
+        assert len(history(client, run().info.run_id, "loss")) == 3
+
+        live.log_metric("loss", 0.1, timestamp=True)  # the same job, later
+        live.next_step()
+        wait_for(
+            lambda: len(history(client, run().info.run_id, "loss")) == 4,
+            60,
+            0.1,
+            "the new point",
+        )
+        wait_for(lambda: run().info.status == "FINISHED", 60, 0.1, "the second idle end")
+        assert run().info.end_time == last_ts()
+        assert daemon.stop() == 0, daemon.logs()
+    finally:
+        daemon.kill()
+    assert len(history(client, run().info.run_id, "loss")) == 4

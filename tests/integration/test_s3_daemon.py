@@ -398,3 +398,166 @@ def test_a_rewritten_credentials_file_is_read_on_the_next_poll_after_a_refusal(
     finally:
         strict.stop()
         forget_clients()
+
+
+def upload_folder(bucket: Bucket, folder: Path, prefix: str) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            bucket.put(f"{prefix}/{path.relative_to(folder).as_posix()}", path.read_bytes())
+
+
+def test_daemon_follows_snapshot_dvclive_and_tensorboard_roots_on_s3(
+    bucket: Bucket, tracking_uri: str, client: Any, workdir: Path
+) -> None:
+    """Derived roots on S3: each run directory is mirrored, and a file re-uploaded or
+    grown on S3 is picked up on the next poll, nothing written twice."""
+    import json
+
+    import yaml
+    from helpers import REPO
+
+    dvclive = pytest.importorskip("dvclive")
+    tensorboardX = pytest.importorskip("tensorboardX")
+    from syncd.snapshot.tensorboard import frames
+
+    stage = REPO / "examples" / "snapshots" / "stages" / "2025-11-20_seasonal_fit"
+    upload_folder(bucket, stage, "stages/fit")
+
+    scratch = workdir / "scratch"
+    live = dvclive.Live(str(scratch / "dvc"), save_dvc_exp=False, resume=False)
+    live.log_params({"lr": 0.01})
+    for step in range(3):
+        live.log_metric("loss", 1.0 / (step + 1), timestamp=True)
+        live.next_step()
+    upload_folder(bucket, scratch / "dvc", "dvc/ranker")
+
+    writer = tensorboardX.SummaryWriter(str(scratch / "tb"))
+    for step in range(4):
+        writer.add_scalar("acc", 0.5 + step / 10, step, walltime=1_700_000_000.0 + step)
+    writer.close()
+    (events,) = (scratch / "tb").glob("events.out.tfevents.*")
+    full = events.read_bytes()
+    _records, _used = frames(full)
+    cut = len(full) - 20  # inside the last frame: the last point waits for its bytes
+    bucket.put(f"tb/exp1/{events.name}", full[:cut])
+
+    config = workdir / "syncd.yaml"
+    mapping = REPO / "examples" / "mappings" / "stage_dir.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "roots": [
+                    {"path": bucket.uri("stages"), "format": "snapshot", "mapping": str(mapping)},
+                    {"path": bucket.uri("dvc"), "format": "dvclive", "experiment": "dvc"},
+                    {"path": bucket.uri("tb"), "format": "tensorboard", "experiment": "tb"},
+                ]
+            }
+        )
+    )
+    proc = start_daemon(workdir, tracking_uri, bucket.endpoint, "--config", str(config))
+
+    def one(experiment: str) -> Any:
+        exp = client.get_experiment_by_name(experiment)
+        found = client.search_runs([exp.experiment_id]) if exp else []
+        return found[0] if len(found) == 1 else None
+
+    def values(experiment: str, key: str) -> list[float]:
+        run = one(experiment)
+        return [v for _s, _t, v in history(client, run.info.run_id, key)] if run else []
+
+    try:
+        proc.wait_ready()
+        wait_for(lambda: one("seasonal_forecast") is not None, 60, 0.1, "the snapshot run")
+        wait_for(lambda: len(values("dvc", "loss")) == 3, 60, 0.1, "the DVCLive run")
+        wait_for(lambda: len(values("tb", "acc")) == 3, 60, 0.1, "the TensorBoard run")
+        snap = one("seasonal_forecast")
+        assert snap.data.tags["syncd.source"] == bucket.uri("stages/fit/metadata.yaml")
+        assert snap.data.tags["git_dirty"] == "false"
+
+        # re-uploaded snapshot, grown TSV, grown event file
+        meta = yaml.safe_load((stage / "metadata.yaml").read_text())
+        meta["git_dirty"] = True
+        bucket.put("stages/fit/metadata.yaml", yaml.safe_dump(meta))
+        live = dvclive.Live(str(scratch / "dvc"), save_dvc_exp=False, resume=True)
+        for _ in range(2):
+            live.log_metric("loss", 1.0 / (live.step + 1), timestamp=True)
+            live.next_step()
+        upload_folder(bucket, scratch / "dvc", "dvc/ranker")
+        bucket.put(f"tb/exp1/{events.name}", full)
+
+        wait_for(
+            lambda: one("seasonal_forecast").data.tags["git_dirty"] == "true",
+            4 * POLL + 10,
+            0.1,
+            "the re-uploaded snapshot",
+        )
+        wait_for(lambda: len(values("dvc", "loss")) == 5, 4 * POLL + 10, 0.1, "the grown TSV")
+        wait_for(lambda: len(values("tb", "acc")) == 4, 4 * POLL + 10, 0.1, "the grown file")
+        assert proc.stop() == 0
+    finally:
+        proc.kill()
+    # the same runs, each point once
+    assert one("seasonal_forecast").info.run_id == snap.info.run_id
+    rows = (scratch / "dvc" / "plots" / "metrics" / "loss.tsv").read_text().splitlines()[1:]
+    assert values("dvc", "loss") == [float(r.split("\t")[2]) for r in rows]
+    assert values("tb", "acc") == pytest.approx([0.5, 0.6, 0.7, 0.8])
+    assert json.loads((scratch / "dvc" / "metrics.json").read_text())["step"] == 4
+
+
+def test_daemon_ends_an_idle_dvclive_run_on_s3_and_reopens_it_when_it_grows(
+    bucket: Bucket, tracking_uri: str, client: Any, workdir: Path
+) -> None:
+    import yaml
+
+    dvclive = pytest.importorskip("dvclive")
+    scratch = workdir / "scratch" / "dvc"
+    live = dvclive.Live(str(scratch), save_dvc_exp=False, resume=False)
+    for step in range(3):
+        live.log_metric("loss", 1.0 / (step + 1), timestamp=True)
+        live.next_step()
+    upload_folder(bucket, scratch, "dvc/ranker")
+    config = workdir / "syncd.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "roots": [
+                    {
+                        "path": bucket.uri("dvc"),
+                        "format": "dvclive",
+                        "experiment": "dvc",
+                        "finish_after_idle": 3,
+                    }
+                ],
+                "watch": {"rescan_interval": 0.5},
+            }
+        )
+    )
+    proc = start_daemon(workdir, tracking_uri, bucket.endpoint, "--config", str(config))
+
+    def run() -> Any:
+        exp = client.get_experiment_by_name("dvc")
+        found = client.search_runs([exp.experiment_id]) if exp else []
+        return found[0] if found else None
+
+    def last_ts() -> int:
+        rows = (scratch / "plots" / "metrics" / "loss.tsv").read_text().splitlines()
+        return int(rows[-1].split("\t")[0])
+
+    def points() -> int:
+        return len(history(client, run().info.run_id, "loss")) if run() else 0
+
+    try:
+        proc.wait_ready()
+        wait_for(lambda: run() and run().info.status == "FINISHED", 60, 0.1, "the idle end")
+        assert run().info.end_time == last_ts() and points() == 3
+
+        live.log_metric("loss", 0.1, timestamp=True)
+        live.next_step()
+        upload_folder(bucket, scratch, "dvc/ranker")
+        wait_for(lambda: points() == 4, 4 * POLL + 10, 0.1, "the new point")
+        wait_for(lambda: run().info.status == "FINISHED", 60, 0.1, "the second idle end")
+        assert run().info.end_time == last_ts()
+        assert proc.stop() == 0
+    finally:
+        proc.kill()
+    assert points() == 4

@@ -384,3 +384,136 @@ def test_stage_directory_on_an_s3_root(
     assert sync(bucket.uri("stages"), MAPPINGS / "stage_dir.yaml", tracking_uri, workdir).clean
     run = only_run(client, "seasonal_forecast")
     assert run.data.tags["git_dirty"] == "true"
+
+
+def test_unchanged_run_directories_are_not_translated_again(
+    workdir: Path, tracking_uri: str, client: Any
+) -> None:
+    from syncd.snapshot.derived import DerivedRecord
+
+    root = workdir / "stages"
+    for name in ("a", "b"):
+        shutil.copytree(STAGE, root / name)
+        meta = yaml.safe_load((root / name / "metadata.yaml").read_text())
+        meta["run_name"] = f"fit-{name}"
+        (root / name / "metadata.yaml").write_text(yaml.safe_dump(meta))
+    mapping = MAPPINGS / "stage_dir.yaml"
+    assert sync(root, mapping, tracking_uri, workdir).synced == 2
+    derived = sorted((workdir / ".syncd" / "derived").glob("*/run_record.jsonl"))
+    assert len(derived) == 2
+
+    def stats() -> list[tuple[int, int]]:
+        return [(p.stat().st_size, p.stat().st_mtime_ns) for p in derived]
+
+    before = stats()
+    translated = DerivedRecord.translations
+    summary = sync(root, mapping, tracking_uri, workdir)  # nothing changed
+    assert summary.clean and summary.unchanged == 2 and summary.events == 0, summary.errors
+    assert DerivedRecord.translations == translated  # no run directory read again
+    assert stats() == before
+
+    meta = yaml.safe_load((root / "b" / "metadata.yaml").read_text())
+    meta["git_dirty"] = True
+    (root / "b" / "metadata.yaml").write_text(yaml.safe_dump(meta))
+    summary = sync(root, mapping, tracking_uri, workdir)
+    assert summary.clean and summary.unchanged == 1 and summary.events > 0, summary.errors
+    assert DerivedRecord.translations == translated + 1  # only the changed one
+    after = stats()
+    assert sorted(after) != sorted(before) and len(set(after) & set(before)) == 1
+    exp = client.get_experiment_by_name("seasonal_forecast")
+    dirty = {
+        r.info.run_name: r.data.tags["git_dirty"] for r in client.search_runs([exp.experiment_id])
+    }
+    assert dirty == {"fit-a": "false", "fit-b": "true"}
+
+
+def verify_json(root: Path, mapping: Path, tracking_uri: str, workdir: Path) -> Any:
+    result = run_syncd(
+        "verify",
+        str(root),
+        "--mapping",
+        str(mapping),
+        "--tracking-uri",
+        tracking_uri,
+        "--state-dir",
+        str(workdir / ".syncd"),
+        "--json",
+        cwd=workdir,
+    )
+    assert result.returncode in (0, 1), result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.mark.slow
+def test_verify_compares_a_resumed_run_with_every_stage_that_wrote_into_it(
+    workdir: Path, tracking_uri: str, client: Any
+) -> None:
+    root = workdir / "stages"
+    fit = root / STAGE.name
+    shutil.copytree(STAGE, fit)
+    mapping = MAPPINGS / "stage_dir.yaml"
+    assert sync(root, mapping, tracking_uri, workdir).clean
+    run_id = only_run(client, "seasonal_forecast").info.run_id
+    # the shipped mapping's resume: a later stage names the run in metadata.yaml
+    forecast = root / "2025-11-21_seasonal_forecast"
+    forecast.mkdir()
+    meta = yaml.safe_load((fit / "metadata.yaml").read_text())
+    meta.update(stage="forecast", mlflow_run_id=run_id, status="FINISHED")
+    (forecast / "metadata.yaml").write_text(yaml.safe_dump(meta))
+    config = yaml.safe_load((fit / "config_resolved.yaml").read_text())
+    config["seed"] = 99
+    (forecast / "config_resolved.yaml").write_text(yaml.safe_dump(config))
+    assert sync(root, mapping, tracking_uri, workdir).clean
+
+    doc = verify_json(root, mapping, tracking_uri, workdir)
+    assert (doc["records"], doc["clean"], doc["differences"]) == (2, 2, 0), doc["results"]
+
+    # a change in MLflow to what the later stage wrote is found, on the run
+    client.set_tag(run_id, "stage", "fit")
+    client.log_param(run_id, "extra", "1")
+    doc = verify_json(root, mapping, tracking_uri, workdir)
+    (result,) = doc["results"]
+    assert result["run_id"] == run_id
+    assert {(d["kind"], d["key"], d["expected"], d["found"]) for d in result["differences"]} == {
+        ("tag", "stage", "'forecast'", "'fit'"),
+        ("param", "extra", "none", "'1'"),
+    }
+
+
+@pytest.mark.slow
+def test_verify_finds_a_run_continued_by_id_that_no_record_created(
+    workdir: Path, tracking_uri: str, client: Any
+) -> None:
+    exp = client.create_experiment("seasonal_forecast")
+    made = client.create_run(exp, run_name="made by hand")
+    client.log_param(made.info.run_id, "by_hand", "yes")
+    root = workdir / "stages"
+    forecast = root / "forecast"
+    shutil.copytree(STAGE, forecast)
+    meta = yaml.safe_load((forecast / "metadata.yaml").read_text())
+    meta.update(stage="forecast", mlflow_run_id=made.info.run_id)
+    (forecast / "metadata.yaml").write_text(yaml.safe_dump(meta))
+    mapping = MAPPINGS / "stage_dir.yaml"
+    assert sync(root, mapping, tracking_uri, workdir).clean
+
+    doc = verify_json(root, mapping, tracking_uri, workdir)
+    assert (doc["records"], doc["clean"], doc["differences"]) == (1, 1, 0), doc["results"]
+
+    client.delete_tag(made.info.run_id, "git_commit")
+    doc = verify_json(root, mapping, tracking_uri, workdir)
+    (result,) = doc["results"]
+    assert result["run_id"] == made.info.run_id
+    assert [(d["kind"], d["key"]) for d in result["differences"]] == [("tag", "git_commit")]
+
+    # a run id MLflow does not know: the record fails to sync, verify names the run missing
+    lost = root / "lost"
+    shutil.copytree(STAGE, lost)
+    meta.update(run_name="lost", mlflow_run_id="0" * 32)
+    (lost / "metadata.yaml").write_text(yaml.safe_dump(meta))
+    assert not sync(root, mapping, tracking_uri, workdir).clean
+    doc = verify_json(root, mapping, tracking_uri, workdir)
+    by_file = {r["file"]: r for r in doc["results"]}
+    missing = by_file[str(lost / "metadata.yaml")]["differences"]
+    assert ("run_missing", f"run {'0' * 32} (mlflow_run_id)") in {
+        (d["kind"], d["expected"]) for d in missing
+    }

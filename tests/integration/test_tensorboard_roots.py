@@ -104,3 +104,42 @@ def test_event_files_mirror_point_by_point_as_they_grow_and_across_restarts(
     assert hp.data.params == {"lr": "0.01", "opt": "adam", "layers": "3"}
     assert [v for _s, _t, v in history(client, hp.info.run_id, "hparam/acc")] == [f32(0.9)]
     assert sync(root, tracking_uri, workdir).events == 0  # unchanged: nothing again
+
+
+def test_an_idle_folder_finishes_its_run_at_its_last_point(
+    workdir: Path, tracking_uri: str, client: Any
+) -> None:
+    import os
+    import time
+
+    T = 1_700_000_000.0
+    folder = workdir / "logs" / "exp1"
+    writer = tensorboardX.SummaryWriter(str(folder))
+    for step in range(3):
+        writer.add_scalar("loss", 1.0 / (step + 1), step, walltime=T + step)
+    writer.close()
+
+    def run() -> Any:
+        return runs(client)["exp1"]
+
+    assert sync(workdir / "logs", tracking_uri, workdir).clean  # default: 600 s
+    assert run().info.status == "RUNNING"
+
+    (events,) = folder.glob("events.out.tfevents.*")
+    hour_ago = time.time() - 3600
+    os.utime(events, (hour_ago, hour_ago))
+    assert sync(workdir / "logs", tracking_uri, workdir).clean
+    assert run().info.status == "FINISHED"
+    assert run().info.end_time == int((T + 2) * 1000)
+
+    writer = tensorboardX.SummaryWriter(str(folder))  # a restarted job, a new event file
+    writer.add_scalar("loss", 0.1, 3, walltime=T + 100)
+    writer.close()
+    assert sync(workdir / "logs", tracking_uri, workdir).clean
+    assert run().info.status == "RUNNING"
+    assert len(history(client, run().info.run_id, "loss")) == 4
+    for path in folder.glob("events.out.tfevents.*"):
+        os.utime(path, (hour_ago, hour_ago))
+    assert sync(workdir / "logs", tracking_uri, workdir).clean
+    assert run().info.status == "FINISHED"
+    assert run().info.end_time == int((T + 100) * 1000)

@@ -178,6 +178,12 @@ def test_sklearn_log_model_is_mirrored_with_its_files_and_registered_version(
     assert [v.version for v in versions_of(mirror, "ranker")] == [version.version]
     assert len(mirror.search_runs([model.experiment_id])) == 1
     assert len(mirror.get_run(run.info.run_id).outputs.model_outputs) == 1
+    # verify finds the model, its status and its registered version as the record asks
+    verified = CliRunner().invoke(
+        app, ["verify", str(root), "--tracking-uri", mirrored_uri, "--json"]
+    )
+    assert verified.exit_code == 0, verified.stdout
+    assert json.loads(verified.stdout)["differences"] == 0
 
 
 def test_run_recorder_log_model_registers_a_version_with_an_alias(

@@ -144,6 +144,7 @@ class ModelSpec:
     alias: str | None
     line: int = 0
     seq: int = 0
+    ts: int | None = None  # the model event's time: points up to it are linked to the model
 
 
 @dataclass(frozen=True, slots=True)
@@ -426,6 +427,7 @@ class _Planner:
             alias=f["alias"],
             line=event.line,
             seq=event.seq,
+            ts=event.ts,
         )
         models = [m for m in self.plan.models if m.model_id != spec.model_id]
         self.plan.models = [*models, spec]

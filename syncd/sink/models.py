@@ -32,6 +32,7 @@ T = TypeVar("T")
 MODEL_ID_TAG = "syncd.model_id"
 MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # what mlflow's own registration sets
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+MAX_LINKED_PER_BATCH = 1000  # MLflow's log_batch limit of metrics per call
 
 
 class Models:
@@ -67,6 +68,8 @@ class Models:
                     spec.status,
                 )
         self._link_output(result.run_id, model.model_id, spec.step)
+        if spec.status == "READY":
+            self._link_metrics(result.run_id, model.model_id, spec.step, spec.ts)
         if spec.registered_model_name and spec.status == "READY":
             version = self._register(spec.registered_model_name, model, result.run_id)
             if spec.alias:
@@ -171,6 +174,41 @@ class Models:
             run_id,
             [LoggedModelOutput(model_id, step)],
         )
+
+    def _link_metrics(self, run_id: str, model_id: str, step: int, until: int | None) -> None:
+        """The run's points at the model's step, linked to the model as ``log_model`` does.
+
+        MLflow's ``log_model`` logs the run's points of the model's step again with
+        the model's id (``LoggedModel.metrics``); the record's points logged up to
+        the model event are linked the same way. MLflow keeps such a point once
+        per model, so a replay adds nothing.
+        """
+        from mlflow.entities import Metric
+
+        client = self.calls.client
+        run = self.calls.call("get_run", client.get_run, run_id)
+        linked: list[Any] = []
+        for key in sorted(run.data.metrics):
+            history = self.calls.call("get_metric_history", client.get_metric_history, run_id, key)
+            linked.extend(
+                Metric(
+                    key=m.key,
+                    value=m.value,
+                    timestamp=m.timestamp,
+                    step=m.step,
+                    run_id=run_id,
+                    model_id=model_id,
+                )
+                for m in history
+                if m.step == step and (until is None or m.timestamp <= until)
+            )
+        for i in range(0, len(linked), MAX_LINKED_PER_BATCH):
+            self.calls.call(
+                "log_batch",
+                client.log_batch,
+                run_id,
+                metrics=linked[i : i + MAX_LINKED_PER_BATCH],
+            )
 
     # -- the registry --------------------------------------------------------------
 

@@ -70,6 +70,27 @@ AUTOLOG = textwrap.dedent(
     """
 )
 
+LINKED_METRICS = textwrap.dedent(
+    """
+    import json
+    import mlflow
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    X = np.array([[0.0, 1.0], [1.0, 0.0], [0.5, 0.5], [0.2, 0.8]])
+    y = np.array([0, 1, 1, 0])
+    mlflow.set_experiment("linked")
+    with mlflow.start_run(run_name="fit"):
+        for step in range(3):
+            mlflow.log_metrics({"loss": 1.0 / (step + 1), "acc": step / 4}, step=step)
+        mlflow.log_metric("auc", 0.75)
+        info = mlflow.sklearn.log_model(
+            LogisticRegression().fit(X, y), name="clf", pip_requirements=["scikit-learn"]
+        )
+    print(json.dumps({"model": info.model_id}))
+    """
+)
+
 NOISE_TAGS = {"mlflow.source.git.commit", "mlflow.source.git.branch", "mlflow.source.name"}
 
 
@@ -292,3 +313,28 @@ def test_a_model_left_pending_by_a_crash_is_completed_not_duplicated(
     assert model.model_id == pending.model_id and model.status.value == "READY"
     assert mirror.search_runs([exp_id])[0].info.run_id == run.info.run_id
     assert mlflow.sklearn.load_model(model.artifact_location).predict([[1.0]]).tolist() == [1]
+
+
+@pytest.mark.slow
+def test_metrics_linked_to_a_logged_model_match_direct_logging(
+    workdir: Path, stores: tuple[str, str]
+) -> None:
+    direct_uri, mirrored_uri = stores
+    direct = run_script(workdir / "direct", direct_uri, LINKED_METRICS)
+    root = workdir / "runs"
+    run_script(workdir / "train", f"syncd://{root}", LINKED_METRICS)
+    for state in (".syncd", ".syncd-again"):  # the second pass replays from the start
+        summary = run_backfill(root, mirrored_uri, workdir / state)
+        assert (summary.with_errors, summary.failed) == (0, 0), summary.errors
+
+    def linked(client: MlflowClient, model_id: str) -> list[tuple[str, float, int]]:
+        return sorted((m.key, m.value, m.step) for m in client.get_logged_model(model_id).metrics)
+
+    want = linked(MlflowClient(direct_uri), direct["model"])
+    assert want == [("acc", 0.0, 0), ("auc", 0.75, 0), ("loss", 1.0, 0)]
+    mirror = MlflowClient(mirrored_uri)
+    (model,) = models_of(mirror, "linked")
+    assert linked(mirror, model.model_id) == want
+    (run,) = mirror.search_runs([model.experiment_id])
+    assert all(m.run_id == run.info.run_id for m in mirror.get_logged_model(model.model_id).metrics)
+    assert len(mirror.get_metric_history(run.info.run_id, "loss")) == 3  # no point twice

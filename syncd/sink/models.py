@@ -22,7 +22,7 @@ import structlog
 
 from syncd.artifacts import ArtifactRefused, ResolvedArtifact, staged
 from syncd.errors import PermanentSinkError, RecordError
-from syncd.projection import RECORD_ID_TAG, ModelSpec
+from syncd.projection import RECORD_ID_TAG, MetricPoint, ModelSpec
 from syncd.sink.calls import Calls, classify
 from syncd.sink.results import ApplyResult
 
@@ -209,6 +209,42 @@ class Models:
                 run_id,
                 metrics=linked[i : i + MAX_LINKED_PER_BATCH],
             )
+
+    def link_points(self, result: ApplyResult, points: list[MetricPoint]) -> None:
+        """Points of the run logged with a model's id, linked to the mirrored model too.
+
+        They were logged as the run's points already; logging them again with the
+        model's id adds the link only (MLflow keeps a point once). A model the sink
+        does not hold (its ``model`` event not mirrored) leaves them the run's only.
+        """
+        from mlflow.entities import Metric
+
+        by_model: dict[str, list[MetricPoint]] = {}
+        for point in points:
+            if point.model_id is not None:
+                by_model.setdefault(point.model_id, []).append(point)
+        for record_model_id, linked in by_model.items():
+            model = self._find(result.experiment_id, record_model_id)
+            if model is None:
+                log.debug("points_not_linked", record_model_id=record_model_id, points=len(linked))
+                continue
+            for i in range(0, len(linked), MAX_LINKED_PER_BATCH):
+                self.calls.call(
+                    "log_batch",
+                    self.calls.client.log_batch,
+                    result.run_id,
+                    metrics=[
+                        Metric(
+                            m.key,
+                            m.value,
+                            m.timestamp,
+                            m.step,
+                            model_id=model.model_id,
+                            run_id=result.run_id,
+                        )
+                        for m in linked[i : i + MAX_LINKED_PER_BATCH]
+                    ],
+                )
 
     # -- the registry --------------------------------------------------------------
 

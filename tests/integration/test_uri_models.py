@@ -87,6 +87,8 @@ LINKED_METRICS = textwrap.dedent(
         info = mlflow.sklearn.log_model(
             LogisticRegression().fit(X, y), name="clf", pip_requirements=["scikit-learn"]
         )
+        mlflow.log_metric("late", 1.0)  # the model is active now: linked to it as well
+        mlflow.log_metric("late", 2.0, step=5)
     print(json.dumps({"model": info.model_id}))
     """
 )
@@ -322,7 +324,7 @@ def test_metrics_linked_to_a_logged_model_match_direct_logging(
     direct_uri, mirrored_uri = stores
     direct = run_script(workdir / "direct", direct_uri, LINKED_METRICS)
     root = workdir / "runs"
-    run_script(workdir / "train", f"syncd://{root}", LINKED_METRICS)
+    printed = run_script(workdir / "train", f"syncd://{root}", LINKED_METRICS)
     for state in (".syncd", ".syncd-again"):  # the second pass replays from the start
         summary = run_backfill(root, mirrored_uri, workdir / state)
         assert (summary.with_errors, summary.failed) == (0, 0), summary.errors
@@ -331,10 +333,14 @@ def test_metrics_linked_to_a_logged_model_match_direct_logging(
         return sorted((m.key, m.value, m.step) for m in client.get_logged_model(model_id).metrics)
 
     want = linked(MlflowClient(direct_uri), direct["model"])
-    assert want == [("acc", 0.0, 0), ("auc", 0.75, 0), ("loss", 1.0, 0)]
+    # the points of the model's step logged before it, and those logged while it is active
+    assert {("acc", 0.0, 0), ("auc", 0.75, 0), ("loss", 1.0, 0), ("late", 1.0, 0)} <= set(want)
     mirror = MlflowClient(mirrored_uri)
     (model,) = models_of(mirror, "linked")
     assert linked(mirror, model.model_id) == want
     (run,) = mirror.search_runs([model.experiment_id])
     assert all(m.run_id == run.info.run_id for m in mirror.get_logged_model(model.model_id).metrics)
     assert len(mirror.get_metric_history(run.info.run_id, "loss")) == 3  # no point twice
+    assert len(mirror.get_metric_history(run.info.run_id, "late")) == 2
+    (record,) = root.glob("*/*/run_record.jsonl")
+    assert record.read_text().count('"model_id":"' + printed["model"] + '"') >= 2

@@ -30,10 +30,10 @@ from urllib.parse import unquote, urlsplit
 
 SCHEME = "syncd"
 RANK_ZERO_ONLY_ENV = "SYNCD_RANK_ZERO_ONLY"
-DISCARD_KEY = Path("/dev/null/syncd-rank-discard")  # a key no real root can take
 
 _log = logging.getLogger("syncd.mlflow")
 _stores: dict[Path, Any] = {}
+_discarding: dict[str, Any] = {}  # root or s3 prefix -> a non-zero rank's store for it
 _stores_lock = threading.Lock()
 
 
@@ -91,10 +91,10 @@ def rank_zero_only(env: dict[str, str] | None = None) -> bool:
     raise ValueError(f"{RANK_ZERO_ONLY_ENV}={value!r}: write 1 (or true) to enable, 0 to disable")
 
 
-def _discarding_store(store_uri: str) -> Any:
-    """This process's store over a private temporary folder (a non-zero rank's)."""
+def _discarding_store(store_uri: str, key: str) -> Any:
+    """This process's store for ``key`` over a private temporary folder (a non-zero rank's)."""
     with _stores_lock:
-        store = _stores.get(DISCARD_KEY)
+        store = _discarding.get(key)
         if store is None:
             from syncd.uri_store import SyncdStore
 
@@ -102,7 +102,7 @@ def _discarding_store(store_uri: str) -> Any:
             atexit.register(shutil.rmtree, scratch, ignore_errors=True)
             factory: Any = SyncdStore
             store = factory(scratch)
-            _stores[DISCARD_KEY] = store
+            _discarding[key] = store
             _log.info(
                 "syncd: %s=1 and global rank is not 0: %s records nothing (calls are"
                 " answered from %s, removed at exit)",
@@ -122,7 +122,7 @@ def build_store(store_uri: str, artifact_uri: str | None = None) -> Any:
             from syncd.record.recorder import global_rank
 
             if global_rank() != 0:
-                return _discarding_store(store_uri)
+                return _discarding_store(store_uri, f"s3://{s3[0]}/{s3[1]}" if s3 else str(root))
     except ValueError as exc:
         from mlflow.exceptions import MlflowException
 

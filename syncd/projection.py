@@ -47,6 +47,7 @@ class MetricPoint:
     step: int
     line: int = 0  # where it came from, to report a refusal
     seq: int = 0
+    model_id: str | None = None  # the record's model the point is linked to
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +145,7 @@ class ModelSpec:
     alias: str | None
     line: int = 0
     seq: int = 0
+    ts: int | None = None  # the model event's time: points up to it are linked to the model
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +165,7 @@ class WritePlan:
     artifacts: list[ArtifactUpload] = field(default_factory=list)
     datasets: list[DatasetInput] = field(default_factory=list)
     models: list[ModelSpec] = field(default_factory=list)
+    linked_metrics: list[MetricPoint] = field(default_factory=list)  # also in batches
     status: StatusChange | None = None
     problems: list[RecordError] = field(default_factory=list)
     extensions: list[Event] = field(default_factory=list)
@@ -315,12 +318,16 @@ class _Planner:
 
     def metrics(self, event: Event) -> None:
         step = event.fields["step"]
+        model_id = event.fields.get("model_id")
         for key, value in event.fields["metrics"].items():
             reason = name_problem("metric", key)
             if reason:
                 self.problem(event, reason)
                 continue
-            self.add_metric(MetricPoint(key, value, event.ts, step, event.line, event.seq))
+            point = MetricPoint(key, value, event.ts, step, event.line, event.seq, model_id)
+            self.add_metric(point)
+            if model_id is not None:
+                self.plan.linked_metrics.append(point)
 
     def tags(self, event: Event) -> None:
         for key, value in self._valid_tags(event, event.fields["tags"]).items():
@@ -426,6 +433,7 @@ class _Planner:
             alias=f["alias"],
             line=event.line,
             seq=event.seq,
+            ts=event.ts,
         )
         models = [m for m in self.plan.models if m.model_id != spec.model_id]
         self.plan.models = [*models, spec]

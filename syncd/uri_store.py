@@ -770,16 +770,22 @@ class SyncdStore(AbstractStore):
                 write("params", {"params": new_params})
                 known.update(new_params)
             group: dict[str, float | str] = {}
-            group_key: tuple[int, int] | None = None
+            group_key: tuple[int, int, str | None] | None = None
+
+            def write_group() -> None:
+                if group and group_key is not None:
+                    fields: dict[str, Any] = {"step": group_key[1], "metrics": group}
+                    if group_key[2]:
+                        fields["model_id"] = group_key[2]
+                    write("metrics", fields, ts=group_key[0])
+
             for m in metrics:
-                key = (int(m.timestamp), int(m.step))
+                key = (int(m.timestamp), int(m.step), getattr(m, "model_id", None) or None)
                 if key != group_key or m.key in group:
-                    if group and group_key is not None:
-                        write("metrics", {"step": group_key[1], "metrics": group}, ts=group_key[0])
+                    write_group()
                     group, group_key = {}, key
                 group[m.key] = _metric_value(m.key, m.value)
-            if group and group_key is not None:
-                write("metrics", {"step": group_key[1], "metrics": group}, ts=group_key[0])
+            write_group()
             if tags:
                 tag_map = {t.key: str(t.value) for t in tags}
                 write("tags", {"tags": tag_map})

@@ -12,7 +12,11 @@ keys under the prefix:
   S3 source reads only the new bytes);
 - ``experiments.json``, merged into the object already under the prefix (the
   ids of an S3 root are derived from the experiment name, so hosts sharing a
-  prefix agree on every id without coordination).
+  prefix agree on every id without coordination). The merged document is put
+  conditionally (``If-Match`` on the ETag read, ``If-None-Match: *`` when there
+  was none): a host that wrote in between makes the put fail with 412, and the
+  merge is redone from what it wrote, so no host's experiment is lost. Stores
+  without conditional writes (501) get the unconditional put and a read-back.
 
 Passes run at most every ``interval`` seconds, and at once when a run ends or
 the interpreter exits (the caller waits a bounded time). A pass holds the
@@ -30,6 +34,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import threading
 import time
 from collections.abc import Iterator
@@ -46,6 +51,18 @@ RUN_FOLDERS = ("artifacts", "models")
 DEFAULT_INTERVAL = 5.0
 DEFAULT_FLUSH_TIMEOUT = 10.0
 MAX_BACKOFF = 60.0
+MERGE_ATTEMPTS = 20  # conditional puts of experiments.json lost to other hosts in one pass
+_LOST_RACE = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
+_UNSUPPORTED = frozenset({"NotImplemented", "501"})
+
+
+def _error_code(exc: BaseException) -> str | None:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        code = response.get("Error", {}).get("Code")
+        return None if code is None else str(code)
+    return None
+
 
 _log = logging.getLogger("syncd.upload")
 
@@ -126,6 +143,7 @@ class SpoolUploader:
         self.prefix = prefix.strip("/")
         self.interval = interval
         self._client = client
+        self._conditional = True  # False once the store answered 501 to a conditional put
         self._wake = threading.Condition()
         self._requested = 0  # passes asked for (flush); a pass serves every earlier request
         self._served = 0
@@ -281,30 +299,56 @@ class SpoolUploader:
             return 0
         local = json.loads(raw)
         key = self.key(EXPERIMENTS_FILE)
-        for _attempt in range(3):  # another host may replace it between our get and put
-            remote = self._get_json(key)
+        for attempt in range(MERGE_ATTEMPTS):
+            remote, etag = self._get_json(key)
             merged = merge_experiments(remote, local)
-            if merged != remote:
-                body = json.dumps(merged, indent=1, sort_keys=True).encode()
-                self.client.put_object(Bucket=self.bucket, Key=key, Body=body)
-            after = self._get_json(key)
+            if merged == remote and etag is not None:
+                files[EXPERIMENTS_FILE] = digest
+                return 0
+            body = json.dumps(merged, indent=1, sort_keys=True).encode()
+            # Only over the version read: a host that wrote in between makes this put
+            # fail (412), and the merge starts again from what that host wrote.
+            condition = {"IfMatch": etag} if etag is not None else {"IfNoneMatch": "*"}
+            if self._conditional:
+                try:
+                    self.client.put_object(Bucket=self.bucket, Key=key, Body=body, **condition)
+                except Exception as exc:
+                    code = _error_code(exc)
+                    if code in _LOST_RACE:
+                        time.sleep(random.uniform(0.02, 0.1) * (attempt + 1))  # retry backoff
+                        continue
+                    if code not in _UNSUPPORTED:
+                        raise
+                    _log.warning(
+                        "syncd: s3://%s does not support conditional writes (%s); hosts"
+                        " sharing the prefix may overwrite each other's experiments.json",
+                        self.bucket,
+                        code,
+                    )
+                    self._conditional = False
+                else:
+                    files[EXPERIMENTS_FILE] = digest
+                    return 1
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=body)
+            after, _etag = self._get_json(key)
             if all(i in after.get("experiments", {}) for i in local.get("experiments", {})):
                 files[EXPERIMENTS_FILE] = digest
                 return 1
-            time.sleep(0.2 * (_attempt + 1))
         return 1  # not confirmed: the next pass merges again
 
-    def _get_json(self, key: str) -> dict[str, Any]:
+    def _get_json(self, key: str) -> tuple[dict[str, Any], str | None]:
+        """The object's JSON document ({} when absent or not a document) and its ETag."""
         from botocore.exceptions import ClientError
 
         try:
-            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            answer = self.client.get_object(Bucket=self.bucket, Key=key)
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                return {}
+                return {}, None
             raise
+        etag = answer.get("ETag")
         try:
-            data = json.loads(body)
+            data = json.loads(answer["Body"].read())
         except ValueError:
-            return {}
-        return data if isinstance(data, dict) else {}
+            return {}, etag
+        return (data if isinstance(data, dict) else {}), etag

@@ -379,7 +379,17 @@ def _validate_metrics(obj: dict[str, Any], problems: list[str]) -> dict[str, Any
             )
         else:
             metrics[key] = number
-    return {"metrics": metrics, "step": step}
+    fields: dict[str, Any] = {"metrics": metrics, "step": step}
+    model_id = obj.get("model_id")
+    if model_id is not None:
+        if isinstance(model_id, str) and RECORD_ID_PATTERN.match(model_id):
+            fields["model_id"] = model_id
+        else:
+            problems.append(
+                f"model_id {_show(model_id)} must be 1-128 letters, digits, '_', '.', ':' or '-'"
+                " (the points are kept, not linked to a model)"
+            )
+    return fields
 
 
 def _validate_tags(obj: dict[str, Any], problems: list[str]) -> dict[str, Any]:

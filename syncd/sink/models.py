@@ -22,7 +22,7 @@ import structlog
 
 from syncd.artifacts import ArtifactRefused, ResolvedArtifact, staged
 from syncd.errors import PermanentSinkError, RecordError
-from syncd.projection import RECORD_ID_TAG, ModelSpec
+from syncd.projection import RECORD_ID_TAG, MetricPoint, ModelSpec
 from syncd.sink.calls import Calls, classify
 from syncd.sink.results import ApplyResult
 
@@ -32,6 +32,7 @@ T = TypeVar("T")
 MODEL_ID_TAG = "syncd.model_id"
 MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # what mlflow's own registration sets
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+MAX_LINKED_PER_BATCH = 1000  # MLflow's log_batch limit of metrics per call
 
 
 class Models:
@@ -67,6 +68,8 @@ class Models:
                     spec.status,
                 )
         self._link_output(result.run_id, model.model_id, spec.step)
+        if spec.status == "READY":
+            self._link_metrics(result.run_id, model.model_id, spec.step, spec.ts)
         if spec.registered_model_name and spec.status == "READY":
             version = self._register(spec.registered_model_name, model, result.run_id)
             if spec.alias:
@@ -171,6 +174,77 @@ class Models:
             run_id,
             [LoggedModelOutput(model_id, step)],
         )
+
+    def _link_metrics(self, run_id: str, model_id: str, step: int, until: int | None) -> None:
+        """The run's points at the model's step, linked to the model as ``log_model`` does.
+
+        MLflow's ``log_model`` logs the run's points of the model's step again with
+        the model's id (``LoggedModel.metrics``); the record's points logged up to
+        the model event are linked the same way. MLflow keeps such a point once
+        per model, so a replay adds nothing.
+        """
+        from mlflow.entities import Metric
+
+        client = self.calls.client
+        run = self.calls.call("get_run", client.get_run, run_id)
+        linked: list[Any] = []
+        for key in sorted(run.data.metrics):
+            history = self.calls.call("get_metric_history", client.get_metric_history, run_id, key)
+            linked.extend(
+                Metric(
+                    key=m.key,
+                    value=m.value,
+                    timestamp=m.timestamp,
+                    step=m.step,
+                    run_id=run_id,
+                    model_id=model_id,
+                )
+                for m in history
+                if m.step == step and (until is None or m.timestamp <= until)
+            )
+        for i in range(0, len(linked), MAX_LINKED_PER_BATCH):
+            self.calls.call(
+                "log_batch",
+                client.log_batch,
+                run_id,
+                metrics=linked[i : i + MAX_LINKED_PER_BATCH],
+            )
+
+    def link_points(self, result: ApplyResult, points: list[MetricPoint]) -> None:
+        """Points of the run logged with a model's id, linked to the mirrored model too.
+
+        They were logged as the run's points already; logging them again with the
+        model's id adds the link only (MLflow keeps a point once). A model the sink
+        does not hold (its ``model`` event not mirrored) leaves them the run's only.
+        """
+        from mlflow.entities import Metric
+
+        by_model: dict[str, list[MetricPoint]] = {}
+        for point in points:
+            if point.model_id is not None:
+                by_model.setdefault(point.model_id, []).append(point)
+        for record_model_id, linked in by_model.items():
+            model = self._find(result.experiment_id, record_model_id)
+            if model is None:
+                log.debug("points_not_linked", record_model_id=record_model_id, points=len(linked))
+                continue
+            for i in range(0, len(linked), MAX_LINKED_PER_BATCH):
+                self.calls.call(
+                    "log_batch",
+                    self.calls.client.log_batch,
+                    result.run_id,
+                    metrics=[
+                        Metric(
+                            m.key,
+                            m.value,
+                            m.timestamp,
+                            m.step,
+                            model_id=model.model_id,
+                            run_id=result.run_id,
+                        )
+                        for m in linked[i : i + MAX_LINKED_PER_BATCH]
+                    ],
+                )
 
     # -- the registry --------------------------------------------------------------
 

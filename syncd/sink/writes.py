@@ -82,6 +82,8 @@ class Writes:
         for model in plan.models:
             files = (model_files or {}).get(model.model_id)
             self.models.write(model, result, record_id, files)
+        if plan.linked_metrics:  # after the models, which they are linked to
+            self.models.link_points(result, plan.linked_metrics)
         if plan.status is not None:
             if plan.status.status == "RUNNING":
                 self.calls.call(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from syncd.logging import redact_text
@@ -13,6 +13,7 @@ from syncd.projection import (
 from syncd.verify.expected import Expected, MetricSummary, describe_point, same_point
 
 MLFLOW_TAG_PREFIX = "mlflow."
+MODEL_ID_TAG = "syncd.model_id"  # the mirrored LoggedModel's link to the record's model
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +24,17 @@ class RunRef:
     experiment_id: str
     start_time: int
     deleted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class FoundModel:
+    """The mirrored LoggedModel of one record model, and its registration."""
+
+    model_id: str  # MLflow's id of the LoggedModel
+    status: str
+    source_run_id: str | None
+    versions: tuple[str, ...] = ()  # versions of the expected registered model holding it
+    alias_version: str | None = None  # the version the expected alias points at
 
 
 @dataclass(slots=True)
@@ -41,6 +53,7 @@ class Found:
     metrics: dict[str, MetricSummary]
     artifacts: dict[str, int | None]  # artifact file -> size; only the folders asked for
     datasets: set[tuple[str, str]]
+    models: dict[str, FoundModel] = field(default_factory=dict)  # by the record's model id
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +258,8 @@ def compare(
     for name, digest in sorted(found.datasets - expected.datasets) if not partial else ():
         add(Difference("dataset", f"dataset input {name!r}", "none", f"digest {digest}", name))
 
+    diffs += compare_models(expected, found)
+
     got_parent = found.tags.get(PARENT_RUN_TAG)
     if expected.parent_record_id is not None:
         if not parent_known:
@@ -267,6 +282,54 @@ def compare(
             )
     elif got_parent is not None and PARENT_RUN_TAG not in expected.tags and not partial:
         add(Difference("parent", f"parent link ({PARENT_RUN_TAG})", "none", got_parent))
+    return diffs
+
+
+def compare_models(expected: Expected, found: Found) -> list[Difference]:
+    """Each record model's LoggedModel, its status, registered version and alias (pure)."""
+    diffs: list[Difference] = []
+    add = diffs.append
+    for mid, want in sorted(expected.models.items()):
+        label = f"logged model {want.name!r} ({MODEL_ID_TAG}={mid})"
+        have = found.models.get(mid)
+        if have is None:
+            add(Difference("model", label, f"a LoggedModel of run {found.run_id}", "none", mid))
+            continue
+        if have.status != want.status:
+            add(Difference("model", f"{label} status", want.status, have.status, mid))
+        if have.source_run_id != found.run_id:
+            add(
+                Difference(
+                    "model",
+                    f"{label} source run",
+                    found.run_id,
+                    have.source_run_id or "none",
+                    mid,
+                )
+            )
+        name = want.registered_model_name
+        if not name or want.status != "READY":
+            continue
+        if not have.versions:
+            add(
+                Difference(
+                    "model_version",
+                    f"registered model {name!r} version of {label}",
+                    f"a version of model {have.model_id}",
+                    "none",
+                    name,
+                )
+            )
+        if want.alias and (have.alias_version is None or have.alias_version not in have.versions):
+            add(
+                Difference(
+                    "model_alias",
+                    f"alias {want.alias!r} of registered model {name!r}",
+                    " or ".join(f"version {v}" for v in have.versions) or "a version of the model",
+                    "none" if have.alias_version is None else f"version {have.alias_version}",
+                    name,
+                )
+            )
     return diffs
 
 

@@ -111,6 +111,17 @@ def same_point(a: tuple[int, int, float] | None, b: tuple[int, int, float] | Non
 # -- the expected state of a record ------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class ExpectedModel:
+    """A model of the record as its last ``model`` event says (what the mirror makes of it)."""
+
+    model_id: str  # the record's id, the mirrored LoggedModel's ``syncd.model_id`` tag
+    name: str
+    status: str  # READY, FAILED or PENDING
+    registered_model_name: str | None  # a version is expected only once READY
+    alias: str | None
+
+
 @dataclass(slots=True)
 class Expected:
     """What MLflow should hold for one record, as a backfill of it would write it."""
@@ -126,6 +137,7 @@ class Expected:
     metrics: dict[str, MetricSummary] = field(default_factory=dict)
     artifacts: dict[str, int] = field(default_factory=dict)  # artifact file -> size in bytes
     datasets: set[tuple[str, str]] = field(default_factory=set)  # name, digest
+    models: dict[str, ExpectedModel] = field(default_factory=dict)  # by the record's model id
     lines: int = 0  # complete lines a sync consumes (up to a held-back line)
     offset: int = 0  # bytes of those lines
     size: int = 0  # the file's size when read
@@ -209,6 +221,14 @@ class Expected:
                 self.artifacts.update(artifact_sizes(upload.path, upload.artifact_path))
         for ds in plan.datasets:
             self.datasets.add((ds.name, ds.digest))
+        for model in plan.models:  # the last event of a model wins
+            self.models[model.model_id] = ExpectedModel(
+                model_id=model.model_id,
+                name=model.name,
+                status=model.status,
+                registered_model_name=model.registered_model_name,
+                alias=model.alias,
+            )
         if plan.status is not None:
             self.status_set = True
             self.status = plan.status.status

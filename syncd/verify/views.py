@@ -22,7 +22,7 @@ from syncd.projection import (
     RECORD_ID_TAG,
 )
 from syncd.sink import RetryPolicy, classify, sqlite_path
-from syncd.verify.compare import Found, LedgerRecord, RunRef
+from syncd.verify.compare import MODEL_ID_TAG, Found, FoundModel, LedgerRecord, RunRef
 from syncd.verify.expected import Expected, MetricSummary
 
 T = TypeVar("T")
@@ -164,7 +164,63 @@ class MlflowView:
             metrics=metrics,
             artifacts=artifacts,
             datasets=datasets,
+            models=self.models(str(info.experiment_id), expected),
         )
+
+    def models(self, experiment_id: str, expected: Expected) -> dict[str, FoundModel]:
+        """The mirrored LoggedModel of each model the record logs (by its ``syncd.model_id``
+        tag), with the versions of the expected registered model that hold it and the
+        version the expected alias points at."""
+        out: dict[str, FoundModel] = {}
+        registered: dict[str, tuple[list[Any], dict[str, str]]] = {}
+        for mid, want in sorted(expected.models.items()):
+            found = self._call(
+                self.client.search_logged_models,
+                experiment_ids=[experiment_id],
+                filter_string=f"tags.`{MODEL_ID_TAG}` = '{_quote(mid)}'",
+                max_results=2,
+            )
+            if not found:
+                continue
+            model = found[0]
+            versions: tuple[str, ...] = ()
+            alias_version: str | None = None
+            name = want.registered_model_name
+            if name and want.status == "READY":
+                if name not in registered:
+                    registered[name] = self._registered(name)
+                all_versions, aliases = registered[name]
+                versions = tuple(
+                    str(mv.version)
+                    for mv in all_versions
+                    if getattr(mv, "model_id", None) == model.model_id
+                    or mv.source == f"models:/{model.model_id}"
+                )
+                if want.alias:
+                    alias_version = aliases.get(want.alias)
+            out[mid] = FoundModel(
+                model_id=model.model_id,
+                status=str(model.status.value if hasattr(model.status, "value") else model.status),
+                source_run_id=model.source_run_id,
+                versions=versions,
+                alias_version=alias_version,
+            )
+        return out
+
+    def _registered(self, name: str) -> tuple[list[Any], dict[str, str]]:
+        """The versions and aliases (alias -> version) of a registered model; none when absent."""
+        quoted = _quote(name)
+        models = self._call(self.client.search_registered_models, f"name = '{quoted}'")
+        match = [rm for rm in models if rm.name == name]
+        if not match:
+            return [], {}
+        aliases = {str(k): str(v) for k, v in (match[0].aliases or {}).items()}
+        versions = list(self._call(self.client.search_model_versions, f"name = '{quoted}'"))
+        return versions, aliases
+
+
+def _quote(value: str) -> str:
+    return value.replace("'", "\\'")
 
 
 # -- the ledger, read-only ---------------------------------------------------------------

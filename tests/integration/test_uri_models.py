@@ -70,6 +70,29 @@ AUTOLOG = textwrap.dedent(
     """
 )
 
+LINKED_METRICS = textwrap.dedent(
+    """
+    import json
+    import mlflow
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    X = np.array([[0.0, 1.0], [1.0, 0.0], [0.5, 0.5], [0.2, 0.8]])
+    y = np.array([0, 1, 1, 0])
+    mlflow.set_experiment("linked")
+    with mlflow.start_run(run_name="fit"):
+        for step in range(3):
+            mlflow.log_metrics({"loss": 1.0 / (step + 1), "acc": step / 4}, step=step)
+        mlflow.log_metric("auc", 0.75)
+        info = mlflow.sklearn.log_model(
+            LogisticRegression().fit(X, y), name="clf", pip_requirements=["scikit-learn"]
+        )
+        mlflow.log_metric("late", 1.0)  # the model is active now: linked to it as well
+        mlflow.log_metric("late", 2.0, step=5)
+    print(json.dumps({"model": info.model_id}))
+    """
+)
+
 NOISE_TAGS = {"mlflow.source.git.commit", "mlflow.source.git.branch", "mlflow.source.name"}
 
 
@@ -178,6 +201,12 @@ def test_sklearn_log_model_is_mirrored_with_its_files_and_registered_version(
     assert [v.version for v in versions_of(mirror, "ranker")] == [version.version]
     assert len(mirror.search_runs([model.experiment_id])) == 1
     assert len(mirror.get_run(run.info.run_id).outputs.model_outputs) == 1
+    # verify finds the model, its status and its registered version as the record asks
+    verified = CliRunner().invoke(
+        app, ["verify", str(root), "--tracking-uri", mirrored_uri, "--json"]
+    )
+    assert verified.exit_code == 0, verified.stdout
+    assert json.loads(verified.stdout)["differences"] == 0
 
 
 def test_run_recorder_log_model_registers_a_version_with_an_alias(
@@ -286,3 +315,32 @@ def test_a_model_left_pending_by_a_crash_is_completed_not_duplicated(
     assert model.model_id == pending.model_id and model.status.value == "READY"
     assert mirror.search_runs([exp_id])[0].info.run_id == run.info.run_id
     assert mlflow.sklearn.load_model(model.artifact_location).predict([[1.0]]).tolist() == [1]
+
+
+@pytest.mark.slow
+def test_metrics_linked_to_a_logged_model_match_direct_logging(
+    workdir: Path, stores: tuple[str, str]
+) -> None:
+    direct_uri, mirrored_uri = stores
+    direct = run_script(workdir / "direct", direct_uri, LINKED_METRICS)
+    root = workdir / "runs"
+    printed = run_script(workdir / "train", f"syncd://{root}", LINKED_METRICS)
+    for state in (".syncd", ".syncd-again"):  # the second pass replays from the start
+        summary = run_backfill(root, mirrored_uri, workdir / state)
+        assert (summary.with_errors, summary.failed) == (0, 0), summary.errors
+
+    def linked(client: MlflowClient, model_id: str) -> list[tuple[str, float, int]]:
+        return sorted((m.key, m.value, m.step) for m in client.get_logged_model(model_id).metrics)
+
+    want = linked(MlflowClient(direct_uri), direct["model"])
+    # the points of the model's step logged before it, and those logged while it is active
+    assert {("acc", 0.0, 0), ("auc", 0.75, 0), ("loss", 1.0, 0), ("late", 1.0, 0)} <= set(want)
+    mirror = MlflowClient(mirrored_uri)
+    (model,) = models_of(mirror, "linked")
+    assert linked(mirror, model.model_id) == want
+    (run,) = mirror.search_runs([model.experiment_id])
+    assert all(m.run_id == run.info.run_id for m in mirror.get_logged_model(model.model_id).metrics)
+    assert len(mirror.get_metric_history(run.info.run_id, "loss")) == 3  # no point twice
+    assert len(mirror.get_metric_history(run.info.run_id, "late")) == 2
+    (record,) = root.glob("*/*/run_record.jsonl")
+    assert record.read_text().count('"model_id":"' + printed["model"] + '"') >= 2

@@ -305,3 +305,62 @@ def test_a_ledger_of_another_store_claims_nothing(
     [result] = doc["results"]
     assert result["file"] == str(path)
     assert [d["kind"] for d in result["differences"]] == ["run_missing"]
+
+
+def test_models_are_verified_down_to_the_registered_version_and_alias(
+    workdir: Path, tracking_uri: str, client: Any
+) -> None:
+    import mlflow
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    from syncd import RunRecorder
+
+    X = np.array([[0.0, 1.0], [1.0, 0.0], [0.5, 0.5], [0.2, 0.8]])
+    fitted = LogisticRegression().fit(X, np.array([0, 1, 1, 0]))
+    runs = workdir / "runs"
+    with RunRecorder(runs / "fit", experiment="models", run_name="fit") as rec:
+        mlflow.sklearn.save_model(fitted, rec.run_dir / "model", pip_requirements=[])
+        model_id = rec.log_model("model", "clf", registered_model_name="scorer", alias="champion")
+        rec.log_model("model", "unregistered")
+    summary = run_backfill(runs, tracking_uri, workdir / ".syncd")
+    assert summary.clean, summary
+
+    def verify() -> tuple[int, list[dict[str, Any]]]:
+        code, out, _ = invoke("verify", str(runs), "--tracking-uri", tracking_uri, "--json")
+        doc = json.loads(out)
+        return code, [d for r in doc["results"] for d in r["differences"]]
+
+    assert verify() == (0, [])
+
+    client.delete_registered_model_alias("scorer", "champion")
+    code, diffs = verify()
+    assert code == 1
+    assert [(d["kind"], d["key"], d["found"]) for d in diffs] == [("model_alias", "scorer", "none")]
+    assert "alias 'champion' of registered model 'scorer'" in diffs[0]["what"]
+    assert diffs[0]["expected"] == "version 1"
+
+    client.set_registered_model_alias("scorer", "champion", "1")
+    assert verify() == (0, [])
+    client.delete_model_version("scorer", "1")  # its alias goes with it
+    code, diffs = verify()
+    assert code == 1
+    assert [(d["kind"], d["key"]) for d in diffs] == [
+        ("model_version", "scorer"),
+        ("model_alias", "scorer"),
+    ]
+    assert f"syncd.model_id={model_id}" in diffs[0]["what"]
+    assert diffs[0]["found"] == "none"
+
+    (mirrored,) = [
+        m
+        for m in client.search_logged_models(
+            [client.get_experiment_by_name("models").experiment_id]
+        )
+        if m.name == "unregistered"
+    ]
+    client.delete_logged_model(mirrored.model_id)
+    proc = run_syncd("verify", "runs", "--tracking-uri", tracking_uri, cwd=workdir)
+    assert proc.returncode == 1
+    assert "logged model 'unregistered'" in proc.stdout
+    assert "(expected a LoggedModel of run" in proc.stdout

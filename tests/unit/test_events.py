@@ -125,6 +125,19 @@ def test_metrics_non_integer_step_is_an_error() -> None:
     assert "step" in err.reason
 
 
+def test_metrics_linked_to_a_model_keep_its_id() -> None:
+    event = parse(raw(type="metrics", step=1, metrics={"loss": 1.5}, model_id="m-1a2b"))
+    assert event.fields == {"metrics": {"loss": 1.5}, "step": 1, "model_id": "m-1a2b"}
+    assert event.problems == []
+
+
+@pytest.mark.parametrize("bad", [3, "", "has space", "x" * 129])
+def test_metrics_with_a_bad_model_id_keep_their_points_unlinked(bad: object) -> None:
+    event = parse(raw(type="metrics", metrics={"loss": 1.5}, model_id=bad))
+    assert event.fields == {"metrics": {"loss": 1.5}, "step": 0}
+    assert len(event.problems) == 1 and "model_id" in event.problems[0]
+
+
 def test_tags_event() -> None:
     event = parse(raw(type="tags", tags={"stage": "eval", "owner": "ml"}))
     assert event.fields == {"tags": {"stage": "eval", "owner": "ml"}}

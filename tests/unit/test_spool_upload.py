@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +119,59 @@ def test_hosts_sharing_a_prefix_merge_their_experiments(bucket: Bucket, tmp_path
     assert sorted(e["name"] for e in merged.values()) == ["Default", "only-a", "only-b", "shared"]
     assert derived_experiment_id("shared") == derived_experiment_id("shared")
     assert derived_experiment_id("shared") != derived_experiment_id("only-a")
+
+
+def test_hosts_merging_at_the_same_moment_lose_no_experiment(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    """Every host reads experiments.json before any writes it back: the worst interleaving."""
+    hosts = 6
+    barrier = threading.Barrier(hosts, timeout=60)
+    names = [f"only-{i}" for i in range(hosts)]
+
+    def host(i: int) -> None:
+        spool = tmp_path / f"host-{i}"
+        exps = {derived_experiment_id(n): {"name": n, "dir": n, "tags": {}} for n in [names[i]]}
+        write(spool / "experiments.json", json.dumps({"experiments": exps}).encode())
+        client = make_client()
+        reads = []
+
+        def after_get(**_kw: Any) -> None:
+            reads.append(1)
+            if len(reads) == 1:  # the first read of each host: all read the same version
+                barrier.wait()
+
+        client.meta.events.register("after-call.s3.GetObject", after_get)
+        up = uploader(spool, bucket, client)
+        up.upload_pass()
+        assert json.loads((spool / ".upload-state.json").read_text())["files"]["experiments.json"]
+
+    with ThreadPoolExecutor(hosts) as pool:
+        for future in [pool.submit(host, i) for i in range(hosts)]:
+            future.result()
+    merged = json.loads(bucket.get("runs/experiments.json"))["experiments"]
+    assert sorted(e["name"] for e in merged.values()) == sorted(names)
+
+
+def test_a_store_without_conditional_writes_still_gets_the_merge(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    from botocore.exceptions import ClientError
+
+    client = make_client()
+
+    def refuse_conditions(params: dict[str, Any], **_kw: Any) -> None:
+        if "IfMatch" in params or "IfNoneMatch" in params:
+            error = {"Error": {"Code": "NotImplemented", "Message": "no"}}
+            raise ClientError(error, "PutObject")  # type: ignore[arg-type]
+
+    client.meta.events.register("provide-client-params.s3.PutObject", refuse_conditions)
+    bucket.put("runs/experiments.json", json.dumps({"experiments": {"9": {"name": "old"}}}))
+    exps = {derived_experiment_id("new"): {"name": "new", "dir": "new", "tags": {}}}
+    write(tmp_path / "experiments.json", json.dumps({"experiments": exps}).encode())
+    assert uploader(tmp_path, bucket, client).upload_pass() == 1
+    merged = json.loads(bucket.get("runs/experiments.json"))["experiments"]
+    assert sorted(e["name"] for e in merged.values()) == ["new", "old"]
 
 
 def test_the_spool_is_keyed_by_bucket_and_prefix(tmp_path: Path) -> None:

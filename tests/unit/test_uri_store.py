@@ -55,6 +55,38 @@ def test_absolute_and_relative_spellings_are_one_store(
 
 
 @pytest.mark.parametrize(
+    ("env", "writes"),
+    [
+        ({"SYNCD_RANK_ZERO_ONLY": "1", "RANK": "1"}, False),
+        ({"SYNCD_RANK_ZERO_ONLY": "1", "SLURM_PROCID": "3"}, False),
+        ({"SYNCD_RANK_ZERO_ONLY": "true", "LOCAL_RANK": "2"}, False),
+        ({"SYNCD_RANK_ZERO_ONLY": "1", "RANK": "0", "LOCAL_RANK": "1"}, True),
+        ({"SYNCD_RANK_ZERO_ONLY": "0", "RANK": "1"}, True),
+        ({"RANK": "1"}, True),
+    ],
+)
+def test_rank_zero_only_writes_on_global_rank_zero_alone(
+    root: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str], writes: bool
+) -> None:
+    for name in ("SYNCD_RANK_ZERO_ONLY", "RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    client = MlflowClient(tracking_uri=f"syncd://{root}")
+    exp_id = client.create_experiment("ddp")
+    run = client.create_run(exp_id, run_name="train")
+    assert len(run.info.run_id) == 32
+    client.log_batch(run.info.run_id, metrics=[Metric("loss", 0.5, 1, 0)], params=[Param("a", "1")])
+    client.set_terminated(run.info.run_id)
+    got = client.get_run(run.info.run_id)
+    assert got.data.params == {"a": "1"} and got.info.status == "FINISHED"
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "loss")] == [0.5]
+    assert root.exists() == writes
+    if writes:
+        assert events_of(record_of(root, run.info.run_id))[0].type == "run_started"
+
+
+@pytest.mark.parametrize(
     ("uri", "reason"),
     [
         ("syncd://host/runs", "three slashes"),

@@ -164,15 +164,21 @@ class Models:
     def _link_output(self, run_id: str, model_id: str, step: int) -> None:
         from mlflow.entities import LoggedModelOutput
 
-        run = self.calls.call("get_run", self.calls.client.get_run, run_id)
-        outputs = run.outputs.model_outputs if run.outputs else []
-        if any(o.model_id == model_id for o in outputs):
+        def linked() -> bool | None:
+            run = self.calls.call("get_run", self.calls.client.get_run, run_id)
+            outputs = run.outputs.model_outputs if run.outputs else []
+            return True if any(o.model_id == model_id for o in outputs) else None
+
+        if linked():
             return
-        self.calls.call(
+        # Not idempotent either: MLflow refuses a second identical link (a unique key),
+        # so a link whose reply was lost is looked up, never sent again blindly.
+        self._create_or_find(
             "log_outputs",
-            self.calls.client.log_outputs,
-            run_id,
-            [LoggedModelOutput(model_id, step)],
+            lambda: (
+                self.calls.client.log_outputs(run_id, [LoggedModelOutput(model_id, step)]) or True
+            ),
+            linked,
         )
 
     def _link_metrics(self, run_id: str, model_id: str, step: int, until: int | None) -> None:

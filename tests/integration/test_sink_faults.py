@@ -481,3 +481,60 @@ def test_watchdog_pings_continue_while_mlflow_calls_stall(
         assert syncd.stop() == 0
     finally:
         notify.close()
+
+
+def test_models_and_snapshot_runs_are_written_once_when_replies_are_lost(
+    workdir: Path, fault_proxy: FaultProxy, direct: Any
+) -> None:
+    """A logged model with a registered version and alias, and a snapshot run directory,
+    backfilled while the server applies every distinct write but the first reply to each is
+    lost, and every first log-batch is answered 503: one run per record, one LoggedModel,
+    one registered version holding the alias, the snapshot's params and artifacts, once."""
+    import mlflow
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    experiment = unique_experiment("lost-models")
+    registered = f"scorer-{experiment}"
+    models_root, stages_root = workdir / "models", workdir / "stages"
+    fitted = LogisticRegression().fit(np.array([[0.0, 1.0], [1.0, 0.0]]), np.array([0, 1]))
+    with RunRecorder(models_root / "fit", experiment=experiment, run_name="fit") as rec:
+        rec.log_metrics({"acc": 1.0}, step=0)
+        mlflow.sklearn.save_model(fitted, rec.run_dir / "model", pip_requirements=[])
+        model_id = rec.log_model("model", "clf", registered_model_name=registered, alias="champion")
+    stage = stages_root / "2025-11-20_seasonal_fit"
+    shutil.copytree(EXAMPLES.parent / "snapshots" / "stages" / stage.name, stage)
+    meta = stage / "metadata.yaml"
+    meta.write_text(meta.read_text().replace("seasonal_forecast", f"{experiment}-stages"))
+    config = workdir / "syncd.yaml"
+    mapping = EXAMPLES.parent / "mappings" / "stage_dir.yaml"
+    config.write_text(
+        f"roots:\n  - path: {models_root}\n"
+        f"  - {{path: {stages_root}, format: snapshot, mapping: {mapping}}}\n"
+    )
+
+    fault_proxy.lose_replies(path=API, first_per_body=True)
+    fault_proxy.fail_with_503(path=LOG_BATCH, first_per_body=True)
+    proc = run_syncd(
+        "backfill", "--config", str(config), "--tracking-uri", fault_proxy.url,
+        "--state-dir", str(workdir / ".syncd"), "--json", cwd=workdir, timeout=300,
+    )  # fmt: skip
+    assert fault_proxy.fault_count(Fault.LOSE_REPLY) >= 5
+    assert_backfill_ok(proc)
+
+    models = direct.search_logged_models(
+        experiment_ids=[direct.get_experiment_by_name(experiment).experiment_id]
+    )
+    assert [(m.name, m.tags.get("syncd.model_id"), m.status.value) for m in models] == [
+        ("clf", model_id, "READY")
+    ]
+    versions = direct.search_model_versions(f"name = '{registered}'")
+    assert [models[0].model_id in v.source for v in versions] == [True], versions
+    assert direct.get_model_version_by_alias(registered, "champion").version == versions[0].version
+    assert run_counts(direct, experiment) == Counter({rec.record_id: 1})
+    [run] = direct.search_runs(
+        [direct.get_experiment_by_name(f"{experiment}-stages").experiment_id]
+    )
+    assert run.data.params["fit/random_seed"] == "1234"
+    files = {f.path for f in direct.list_artifacts(run.info.run_id)}
+    assert {"config_resolved.yaml", "metadata.yaml"} <= files

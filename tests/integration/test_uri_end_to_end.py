@@ -243,3 +243,79 @@ def test_tag_deletions_are_mirrored_and_replay_safely(
     )
     assert result.exit_code == 0, result.stdout + result.stderr
     assert json.loads(result.stdout)["clean"] == 1
+
+
+KILLED_TRAINER = textwrap.dedent(
+    """
+    import sys
+    import mlflow
+
+    mlflow.set_experiment("killed")
+    with mlflow.start_run(run_name="long") as run:
+        print(run.info.run_id, flush=True)
+        mlflow.log_params({"lr": 0.1, "depth": 6})
+        step = 0
+        while True:  # until SIGKILLed
+            mlflow.log_metrics({"loss": 1 / (step + 1), "acc": step / 1e6}, step=step)
+            step += 1
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_trainer_sigkilled_mid_loop_leaves_a_record_mirrored_exactly(
+    workdir: Path, stores: tuple[str, str]
+) -> None:
+    """A training process writing through ``syncd:`` is SIGKILLed in the middle of its metric
+    loop (possibly mid-line). The backfill mirrors every complete line exactly once and the
+    torn tail nothing; the run stays RUNNING, as the process never ended it."""
+    import signal
+    import time
+
+    _, mirrored_uri = stores
+    root = workdir / "runs"
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"syncd://{root}")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_TRAINER], cwd=workdir, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    run_id = proc.stdout.readline().strip()
+    [record] = wait_for_record(root, run_id)
+    deadline = time.monotonic() + 60
+    while record.stat().st_size < 200_000:  # a few thousand steps
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert time.monotonic() < deadline, "the trainer wrote too little"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+
+    text = record.read_text()
+    complete = text[: text.rfind("\n") + 1].splitlines()
+    steps = sorted(
+        json.loads(raw)["step"] for raw in complete if json.loads(raw)["type"] == "metrics"
+    )
+    summary = run_backfill(root, mirrored_uri, workdir / ".syncd")
+    assert (summary.records, summary.with_errors, summary.failed) == (1, 0, 0), summary.errors
+    client = MlflowClient(mirrored_uri)
+    [run] = client.search_runs([client.get_experiment_by_name("killed").experiment_id])
+    assert run.data.tags["syncd.record_id"] == run_id and run.info.status == "RUNNING"
+    assert run.data.params == {"lr": "0.1", "depth": "6"}
+    loss = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in loss) == steps  # every complete line once, nothing torn
+    again = run_backfill(root, mirrored_uri, workdir / ".syncd")
+    assert again.metric_points == 0 and len(
+        client.get_metric_history(run.info.run_id, "loss")
+    ) == len(steps)
+
+
+def wait_for_record(root: Path, run_id: str, timeout: float = 60) -> list[Path]:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [p for p in root.rglob("run_record.jsonl") if run_id in p.read_text()[:2000]]
+        if found:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"no record for run {run_id} under {root}")

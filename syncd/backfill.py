@@ -417,6 +417,7 @@ def backfill(
                     worker=worker_id(f"/backfill{index}"),
                     lease_ttl=settings.writer.lease_ttl,
                     locate=locate,
+                    trust_new_experiments=True,
                 ),
                 each,
             )

@@ -176,6 +176,7 @@ class Engine:
         lease_ttl: float = LEASE_TTL,
         locate: Callable[[str], RecordFile | None] | None = None,
         progressing: Callable[[], bool] | None = None,
+        trust_new_experiments: bool = False,
     ) -> None:
         self.ledger = ledger
         self.sink = sink
@@ -190,6 +191,11 @@ class Engine:
         # The lease owner name of this engine: one per writer (thread), never shared.
         self.worker = worker or worker_id()
         self.lease_ttl = lease_ttl
+        # One pass (a backfill): an experiment its writers created during the pass holds
+        # no run but theirs, so a record no writer noted an intent for is not searched
+        # for there. A daemon lives on while other processes (a manual backfill with
+        # another state dir) may create runs in its experiments: it always searches.
+        self.trust_new_experiments = trust_new_experiments
         self._lease: Lease | None = None
         # Renews the held lease while one long call runs (``progressing``: the
         # supervisor's verdict; a wedged call lets the lease expire).
@@ -646,8 +652,9 @@ class Engine:
         """The run another writer created for this record and did not bind, if any.
 
         Other writers (threads, daemons) may have created one, unless none ever noted
-        the intent to (``first_intent``) and the experiment is one this process
-        created (it held no run then): only there is the search skipped.
+        the intent to (``first_intent``) and the experiment is one this pass's writers
+        created (it held no run then; ``trust_new_experiments``): only there is the
+        search skipped.
         """
         find_run = getattr(self.sink, "find_run", None)
         experiment_of = getattr(self.sink, "experiment_id", None)
@@ -659,7 +666,12 @@ class Engine:
         calls = getattr(self.sink, "calls", None)  # a SQLite store's lock, when it has one
         with calls.serialised() if calls is not None else contextlib.nullcontext():
             experiment_id = str(experiment_of(spec.experiment))
-            if first_intent and created_here is not None and created_here(experiment_id):
+            if (
+                first_intent
+                and self.trust_new_experiments
+                and created_here is not None
+                and created_here(experiment_id)
+            ):
                 return None
             existing = find_run(experiment_id, spec.record_id)
         if existing is None:

@@ -225,7 +225,6 @@ class Daemon:
         count = writer_count(settings.tracking_uri, settings.writer.concurrency)
         writers: list[tuple[Engine, MlflowSink]] = []
         locate = record_locator(settings.roots, settings.timeouts.http)
-        created: set[str] = set()  # experiments any of these writers created
         for index in range(count):
             sink = MlflowSink(
                 settings.tracking_uri,
@@ -233,7 +232,6 @@ class Daemon:
                 artifact_root=settings.artifact_root,
                 call_deadline=settings.timeouts.http + CALL_DEADLINE_MARGIN,
                 bounded=self.supervisor.bounded,
-                created_experiments=created,
             )
             engine = Engine(
                 ledger,

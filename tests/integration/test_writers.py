@@ -125,10 +125,10 @@ class BindingLostOnce(Ledger):
 def test_writers_search_for_a_record_s_run_only_where_one_may_exist(
     workdir: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Two writers of one process share the experiments they created. A record that no
+    """Two writers of one backfill share the experiments they created. A record that no
     writer ever set out to create a run for is not searched for in such an experiment
     (a new experiment holds no runs), but one whose run another writer created and could
-    not bind is: it is adopted, never created twice."""
+    not bind is: it is adopted, never created twice. A daemon's writer always searches."""
     from mlflow.tracking import MlflowClient
 
     ledger = BindingLostOnce(f"sqlite:///{workdir / 'ledger.db'}", tracking_uri)
@@ -143,9 +143,12 @@ def test_writers_search_for_a_record_s_run_only_where_one_may_exist(
             return real(experiment_id, record_id)
 
         monkeypatch.setattr(sink.runs, "find_run", counted)
-    a, b = (Engine(ledger, sink, worker=f"w{i}") for i, sink in enumerate(sinks))
-    paths = make_records(workdir / "runs", "fresh", 2)
-    first, second = (LocalRecord(p) for p in paths)
+    a, b = (
+        Engine(ledger, sink, worker=f"w{i}", trust_new_experiments=True)  # as backfill's
+        for i, sink in enumerate(sinks)
+    )
+    paths = make_records(workdir / "runs", "fresh", 3)
+    first, second, third = (LocalRecord(p) for p in paths)
 
     with pytest.raises(LedgerError):  # a ledger failure ends the pass, as it would the daemon's
         a.sync(first)  # after creating the experiment and the run: the binding is lost
@@ -154,8 +157,12 @@ def test_writers_search_for_a_record_s_run_only_where_one_may_exist(
     assert searches == ["fresh-r0"]  # a run may exist: it is searched for, and adopted
     assert b.sync(second).state == "synced"
     assert searches == ["fresh-r0"]  # a new record in a new experiment: no search
+    # a daemon's writer outlives any pass: others may have made runs in its experiments
+    daemon = Engine(ledger, sinks[0], worker="daemon")
+    assert daemon.sync(third).state == "synced"
+    assert searches == ["fresh-r0", "fresh-r2"]
     runs = runs_by_record(MlflowClient(tracking_uri))  # raises on a duplicate run
-    assert sorted(runs) == ["fresh-r0", "fresh-r1"]
+    assert sorted(runs) == ["fresh-r0", "fresh-r1", "fresh-r2"]
     points = history(MlflowClient(tracking_uri), runs["fresh-r0"].info.run_id, "loss")
     assert [value for _step, _ts, value in points] == [s / 10 for s in range(1, POINTS + 1)]
     ledger.close()

@@ -350,10 +350,6 @@ def backfill(
     this sink (checkpoints, artifact digests, run bindings): they are projected
     again from the start into the runs that carry their ``syncd.record_id``.
     """
-    if not dry_run:
-        # MLflow's client library is loaded before the pass is timed (writers would
-        # otherwise load it in their first call, all waiting on Python's import lock).
-        import mlflow.tracking  # noqa: F401
     started = time.perf_counter()
     summary = Summary(tracking_uri=sink_key(settings.tracking_uri))
     root_errors: list[tuple[Root, S3SourceError]] = []

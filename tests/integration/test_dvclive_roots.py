@@ -180,15 +180,21 @@ def age(folder: Path, seconds: float) -> None:
             os.utime(path, (when, when))
 
 
+def log_losses(folder: Path, steps: int, *, resume: bool) -> Any:
+    """``steps`` more ``loss`` points (1 / (step + 1), with timestamps) through DVCLive."""
+    live = dvclive.Live(str(folder), save_dvc_exp=False, resume=resume)
+    for _ in range(steps):
+        live.log_metric("loss", 1.0 / (live.step + 1), timestamp=True)
+        live.next_step()
+    return live
+
+
 def test_an_idle_folder_finishes_its_run_and_reopens_when_it_grows(
     workdir: Path, tracking_uri: str, client: Any
 ) -> None:
     root = workdir / "experiments"
     folder = root / "ranker" / "dvclive"
-    live = dvclive.Live(str(folder), save_dvc_exp=False, resume=False)
-    for step in range(3):
-        live.log_metric("loss", 1.0 / (step + 1), timestamp=True)
-        live.next_step()
+    live = log_losses(folder, 3, resume=False)
     live.end()  # DVCLive writes no end marker to the folder: idleness ends the run
 
     def run() -> Any:
@@ -228,10 +234,7 @@ def test_an_idle_folder_finishes_its_run_and_reopens_when_it_grows(
     assert run().info.end_time == last_ts()  # the last data point's wall time
 
     # the job goes on in the same folder after all: its new points still land
-    live = dvclive.Live(str(folder), save_dvc_exp=False, resume=True)
-    for _ in range(2):
-        live.log_metric("loss", 1.0 / (live.step + 1), timestamp=True)
-        live.next_step()
+    live = log_losses(folder, 2, resume=True)
     live.end()
     backfill_once()
     assert run().info.status == "RUNNING"
@@ -253,10 +256,7 @@ def test_the_daemon_finishes_an_idle_run_and_reopens_it_when_training_goes_on(
 
     root = workdir / "experiments"
     folder = root / "ranker" / "dvclive"
-    live = dvclive.Live(str(folder), save_dvc_exp=False, resume=False)
-    for step in range(3):
-        live.log_metric("loss", 1.0 / (step + 1), timestamp=True)
-        live.next_step()
+    live = log_losses(folder, 3, resume=False)
     config = workdir / "syncd.yaml"
     config.write_text(
         yaml.safe_dump(

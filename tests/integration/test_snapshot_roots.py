@@ -52,6 +52,19 @@ def download(client: Any, run_id: str, path: str, dest: Path) -> bytes:
     return Path(client.download_artifacts(run_id, path, str(dest))).read_bytes()
 
 
+def forecast_stage(root: Path, fit: Path, run_id: str) -> Path:
+    """A later stage's run directory continuing ``run_id`` (mapping (b)'s resume)."""
+    forecast = root / "2025-11-21_seasonal_forecast"
+    forecast.mkdir()
+    meta = yaml.safe_load((fit / "metadata.yaml").read_text())
+    meta.update(stage="forecast", mlflow_run_id=run_id, status="FINISHED")
+    (forecast / "metadata.yaml").write_text(yaml.safe_dump(meta))
+    config = yaml.safe_load((fit / "config_resolved.yaml").read_text())
+    config["seed"] = 99
+    (forecast / "config_resolved.yaml").write_text(yaml.safe_dump(config))
+    return forecast
+
+
 def user_tags(run: Any) -> dict[str, str]:
     return {k: v for k, v in run.data.tags.items() if not k.startswith(("mlflow.", "syncd."))}
 
@@ -175,14 +188,7 @@ def test_stage_directories_mirror_and_a_later_stage_resumes_the_run(
     assert run.info.status == "RUNNING"
 
     # A later stage runs in its own directory and continues the same MLflow run.
-    forecast = root / "2025-11-21_seasonal_forecast"
-    forecast.mkdir()
-    meta = yaml.safe_load((fit / "metadata.yaml").read_text())
-    meta.update(stage="forecast", mlflow_run_id=run_id, status="FINISHED")
-    (forecast / "metadata.yaml").write_text(yaml.safe_dump(meta))
-    config = yaml.safe_load((fit / "config_resolved.yaml").read_text())
-    config["seed"] = 99
-    (forecast / "config_resolved.yaml").write_text(yaml.safe_dump(config))
+    forecast = forecast_stage(root, fit, run_id)
     (forecast / "reports" / "folds" / "2").mkdir(parents=True)
     (forecast / "reports" / "folds" / "2" / "skill_map.png").write_bytes(b"\x89PNG fold 2")
 
@@ -455,14 +461,7 @@ def test_verify_compares_a_resumed_run_with_every_stage_that_wrote_into_it(
     assert sync(root, mapping, tracking_uri, workdir).clean
     run_id = only_run(client, "seasonal_forecast").info.run_id
     # the shipped mapping's resume: a later stage names the run in metadata.yaml
-    forecast = root / "2025-11-21_seasonal_forecast"
-    forecast.mkdir()
-    meta = yaml.safe_load((fit / "metadata.yaml").read_text())
-    meta.update(stage="forecast", mlflow_run_id=run_id, status="FINISHED")
-    (forecast / "metadata.yaml").write_text(yaml.safe_dump(meta))
-    config = yaml.safe_load((fit / "config_resolved.yaml").read_text())
-    config["seed"] = 99
-    (forecast / "config_resolved.yaml").write_text(yaml.safe_dump(config))
+    forecast_stage(root, fit, run_id)
     assert sync(root, mapping, tracking_uri, workdir).clean
 
     doc = verify_json(root, mapping, tracking_uri, workdir)

@@ -30,9 +30,9 @@ from typing import Any
 
 import structlog
 
+from syncd.accounting import Accounting
 from syncd.artifacts import clean_stale_stages
 from syncd.backfill import (
-    iter_record_files,
     open_ledger,
     record_at,
     record_locator,
@@ -40,6 +40,7 @@ from syncd.backfill import (
     s3_derived_record,
     sink_key,
 )
+from syncd.backlog import Backlog, Key
 from syncd.config import Settings, load_config
 from syncd.engine import Engine, Outcome, worker_id
 from syncd.errors import ConfigError, SyncdError
@@ -47,10 +48,12 @@ from syncd.health import HealthServer, HealthState, Metrics
 from syncd.ledger import FAILED, RETRY_STATES, WAITING, Ledger
 from syncd.logging import configure, redact_text
 from syncd.notify import Notifier, watchdog_interval
+from syncd.rescan import rescan
 from syncd.s3_poller import S3Poller
 from syncd.sink import MlflowSink, RetryPolicy
-from syncd.snapshot.derived import DerivedRecord, recheck_due
-from syncd.sources.local import LocalRecord, path_from_uri
+from syncd.sink_health import SinkHealth
+from syncd.snapshot.derived import DerivedRecord
+from syncd.sources.local import LocalRecord
 from syncd.sources.s3 import S3Record, client_for, forget_clients
 from syncd.supervisor import Supervisor
 from syncd.watch import Watcher
@@ -59,7 +62,6 @@ from syncd.writers import WriterPool, writer_count
 log = structlog.get_logger("syncd.service")
 
 LOOP_TICK = 0.25  # seconds: the longest the loop sleeps without a heartbeat
-MAX_BACKOFF = 30.0
 RECORDS_PER_ROUND = 64  # records synced between two looks at signals and rescans
 STATUS_EVERY = 5.0
 LEDGER_GAUGES_EVERY = 10.0
@@ -68,51 +70,13 @@ LOOP_STALE_AFTER = 10.0  # seconds without a beat (and no bounded call) = a wedg
 CALL_DEADLINE_MARGIN = 5.0  # seconds past timeouts.http before a call counts as wedged
 
 
-Key = Path | str  # a local record's path, or an s3:// record's URI
+class Daemon:
+    """The service: the loop, its writers and watchers, reload and drain.
 
-
-class Backlog:
-    """Records noticed but not yet synced: a coalescing set, bounded by the number of records.
-
-    Events themselves are never queued: they stay in the record files and are read
-    in bounded chunks when their record's turn comes, so memory stays flat
-    whatever the backlog.
+    Discovery lives in :mod:`syncd.rescan`, sink and ledger backoff in
+    :mod:`syncd.sink_health`, metrics and the health state in :mod:`syncd.accounting`.
     """
 
-    def __init__(self) -> None:
-        self._since: dict[Key, float] = {}
-        self._lock = threading.Lock()
-        self.wake = threading.Event()
-
-    def add(self, path: Key, since: float | None = None) -> None:
-        with self._lock:
-            first = self._since.get(path)
-            when = since if since is not None else time.time()
-            if first is None or when < first:
-                self._since[path] = when
-        self.wake.set()
-
-    def take(self, limit: int) -> list[tuple[Key, float]]:
-        with self._lock:
-            items = sorted(self._since.items(), key=lambda kv: kv[1])[:limit]
-            for path, _ in items:
-                del self._since[path]
-            return items
-
-    def oldest(self) -> float | None:
-        with self._lock:
-            return min(self._since.values(), default=None)
-
-    def paths(self) -> list[Key]:
-        with self._lock:
-            return list(self._since)
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._since)
-
-
-class Daemon:
     def __init__(
         self,
         config_path: Path | None,
@@ -126,6 +90,8 @@ class Daemon:
         self.state = HealthState()
         self.state_lock = threading.Lock()
         self.backlog = Backlog()
+        self.health = SinkHealth(self.state, self.state_lock, self.metrics)
+        self.accounting = Accounting(self.metrics, self.state, self.state_lock, self.health)
         self.notifier = Notifier()
         self.stopping = False
         self.reload_requested = False
@@ -134,16 +100,10 @@ class Daemon:
         self.pool: WriterPool | None = None
         self.watcher: Watcher | None = None
         self.poller: S3Poller | None = None
-        self.offsets: dict[Key, int] = {}
         self.retry_due: dict[Key, float] = {}  # waiting/failed records: next try (epoch s)
-        self.bytes_per_event = 100.0
-        self.retry_at = 0.0
-        self.backoff = 0.0
         self.next_rescan = 0.0
-        self.last_ping = 0.0
         self.last_status = 0.0
         self.last_gauges = 0.0
-        self.synced_records = 0
         self.ping_every = watchdog_interval()
         self.supervisor = Supervisor(
             ping=self.notifier.watchdog if self.ping_every is not None else (lambda: None),
@@ -187,7 +147,7 @@ class Daemon:
             self._start_watcher()
             self._check_sink()
             self._rescan()
-            self.notifier.ready(self._status_line())
+            self.notifier.ready(self.accounting.status_line())
             stack.callback(self.notifier.close)
             log.info(
                 "service_ready",
@@ -254,7 +214,7 @@ class Daemon:
 
     def _use(self, ledger: Ledger, pool: WriterPool) -> None:
         self.ledger, self.pool, self.sink = ledger, pool, pool.sink
-        self.offsets = {}
+        self.accounting.offsets = {}
         self.retry_due = {}
         with self.state_lock:
             self.state.ledger_open = True
@@ -362,7 +322,7 @@ class Daemon:
     def _due(self) -> bool:
         """True when records wait, the sink is not backing off and the linger has passed."""
         oldest = self.backlog.oldest()
-        if oldest is None or time.monotonic() < self.retry_at:
+        if oldest is None or self.health.backing_off():
             return False
         return time.time() - oldest >= self.settings.writer.linger_ms / 1000
 
@@ -373,8 +333,8 @@ class Daemon:
             wait = min(wait, max(0.0, min(self.retry_due.values()) - time.time()))
         oldest = self.backlog.oldest()
         if oldest is not None:
-            if now < self.retry_at:
-                wait = min(wait, self.retry_at - now)
+            if self.health.backing_off():
+                wait = min(wait, self.health.wait_left())
             else:
                 linger_left = self.settings.writer.linger_ms / 1000 - (time.time() - oldest)
                 wait = min(wait, max(0.0, linger_left))
@@ -433,14 +393,15 @@ class Daemon:
             log.error("ledger_failed", file=str(path), error=redact_text(str(exc))[:500])
             self.backlog.add(path, since)
             if not halted:
-                self._back_off(str(exc), ledger=True)
+                self.health.failed(str(exc), ledger=True)
             return False
-        self._ledger_ok()
-        self._account(path, outcome, time.perf_counter() - started)
+        self.health.ledger_ok()
+        retries = self.pool.take_retries() if self.pool is not None else 0
+        self.accounting.synced(path, outcome, time.perf_counter() - started, retries)
         if outcome.retry_later:
             self.backlog.add(path, since)
             if not halted:
-                self._back_off(outcome.message or "MLflow unavailable")
+                self.health.failed(outcome.message or "MLflow unavailable")
             return False
         if outcome.busy:  # another worker holds it: look again when its lease ends
             self.retry_due[path] = time.time() + outcome.busy_for + random.uniform(0.1, 1.0)
@@ -484,144 +445,24 @@ class Daemon:
         uri = path if isinstance(path, str) else path.absolute().as_uri()
         return self.ledger.get_record(uri)
 
-    def _account(self, path: Key, outcome: Outcome, seconds: float) -> None:
-        m = self.metrics
-        if not outcome.skipped:
-            previous = self.offsets.get(path, 0)
-            self.offsets[path] = outcome.offset
-            if outcome.events:
-                consumed = max(outcome.offset - previous, 0)
-                if consumed:
-                    self.bytes_per_event = 0.9 * self.bytes_per_event + 0.1 * (
-                        consumed / outcome.events
-                    )
-                m.batch_size.observe(outcome.events)
-                m.write_duration.observe(seconds)
-        m.events.inc(outcome.events)
-        m.metric_points.inc(outcome.metric_points)
-        m.artifacts.inc(outcome.artifacts)
-        m.record_errors.inc(len(outcome.errors))
-        if self.pool is not None:
-            m.sink_retries.inc(self.pool.take_retries())
-        if outcome.retry_later:
-            m.sink_errors.labels(kind="transient").inc()
-            m.record_failures.labels(state=WAITING).inc()
-            return
-        if outcome.state in (FAILED, WAITING):
-            m.record_failures.labels(state=outcome.state).inc()
-            if (outcome.message or "").startswith("MLflow refused"):
-                m.sink_errors.labels(kind="permanent").inc()
-        if outcome.run_id is not None:  # MLflow acknowledged writes just now
-            self._sink_ok()
-        if outcome.events:
-            self.synced_records += 1
-            now = time.time()
-            m.last_sync.set(now)
-            with self.state_lock:
-                self.state.last_sync_at = now
-                self.state.error_count += len(outcome.errors)
-
-    def _sink_ok(self) -> None:
-        if self.backoff:
-            log.info("sink_recovered")
-        self.backoff = 0.0
-        self.retry_at = 0.0
-        self.metrics.sink_up.set(1)
-        with self.state_lock:
-            self.state.sink_up = True
-            self.state.sink_error = None
-
-    def _back_off(self, reason: str, *, ledger: bool = False) -> None:
-        """Wait before the next sync; ``ledger``: the ledger failed (full, read-only)."""
-        self.backoff = min(MAX_BACKOFF, max(0.5, self.backoff * 2))
-        delay = random.uniform(self.backoff / 2, self.backoff)
-        self.retry_at = time.monotonic() + delay
-        with self.state_lock:
-            if ledger:
-                self.state.ledger_error = redact_text(reason)[:300]
-            else:
-                self.state.sink_up = False
-                self.state.sink_error = redact_text(reason)[:300]
-        if not ledger:
-            self.metrics.sink_up.set(0)
-        log.warning(
-            "ledger_backoff" if ledger else "sink_backoff",
-            retry_in_s=round(delay, 2),
-            reason=redact_text(reason)[:300],
-        )
-
-    def _ledger_ok(self) -> None:
-        """A sync got through the ledger: a ledger failure is over."""
-        with self.state_lock:
-            failed = self.state.ledger_error is not None
-            self.state.ledger_error = None
-        if failed:
-            log.info("ledger_recovered")
-            if self.state.sink_up:
-                self.backoff = 0.0
-
     def _check_sink(self) -> None:
         assert self.sink is not None
-        try:
-            self.sink.check()
-        except SyncdError as exc:
-            self._back_off(str(exc))
-        else:
-            self._sink_ok()
+        self.health.check(self.sink)
 
     def _rescan(self) -> None:
-        """The safety net: every record whose size or mtime differs from the ledger."""
+        """The safety net (:mod:`syncd.rescan`): every record that changed unseen."""
         assert self.ledger is not None
         started = time.perf_counter()
-        known = self.ledger.all_records()
-        queued = 0
-        try:
-            for root, path in iter_record_files(self.settings.roots):
-                row = known.get(path.as_uri())
-                self.offsets.setdefault(path, row.offset if row else 0)
-                if row is not None and row.state in RETRY_STATES:
-                    due = row.next_attempt_at or 0.0
-                    if due > time.time():
-                        self.retry_due.setdefault(path, due)
-                        continue
-                    self.backlog.add(path)
-                    queued += 1
-                    continue
-                try:
-                    st = path.stat()
-                except FileNotFoundError:
-                    continue
-                except OSError:  # a symlink loop, a permission: the engine reports it
-                    if row is None or row.state not in ("failed", "blocked"):
-                        self.backlog.add(path)
-                        queued += 1
-                    continue
-                # a derived record is looked at on every rescan: its run directory's
-                # files are compared with its last translation (cheap when unchanged),
-                # and an idle DVCLive or TensorBoard run gets its end
-                if (
-                    root.derived
-                    or row is None
-                    or (row.size, row.mtime_ns) != (st.st_size, st.st_mtime_ns)
-                ):
-                    self.backlog.add(path)
-                    queued += 1
-            # S3 run directories: the poller notices their changes; a rescan adds the
-            # idle runs due to end
-            for uri in self.poller.derived_records() if self.poller is not None else ():
-                if recheck_due(self.settings.state_dir, uri, time.time()):
-                    self.backlog.add(uri)
-                    queued += 1
-            for source, row in known.items():  # deleted files become "gone"
-                if row.state != "gone" and source.startswith("file://"):
-                    path = path_from_uri(source)
-                    if not path.exists() and any(
-                        path.is_relative_to(r.path) for r in self.settings.roots
-                    ):
-                        self.backlog.add(path)
-                        queued += 1
-        except ConfigError as exc:
-            log.error("rescan_failed", error=str(exc))
+        found = rescan(
+            self.settings,
+            self.ledger,
+            self.poller,
+            self.backlog,
+            self.accounting.offsets,
+            self.retry_due,
+        )
+        if found.error is not None:
+            log.error("rescan_failed", error=found.error)
         now = time.time()
         self.next_rescan = time.monotonic() + self.settings.watch.rescan_interval
         self.metrics.last_rescan.set(now)
@@ -629,35 +470,24 @@ class Daemon:
             self.state.last_rescan_at = now
         log.info(
             "rescan",
-            queued=queued,
-            known=len(known),
+            queued=found.queued,
+            known=found.known,
             seconds=round(time.perf_counter() - started, 3),
         )
 
     def _beat(self) -> None:
         """The heartbeat: health state, gauges, watchdog pings, STATUS= lines."""
         now = time.monotonic()
-        backlog_records = len(self.backlog)
-        backlog_bytes = self._backlog_bytes() if backlog_records else 0
-        events = int(backlog_bytes / max(self.bytes_per_event, 1.0))
-        oldest = self.backlog.oldest()
-        lag = max(0.0, time.time() - oldest) if oldest is not None else 0.0
         self.supervisor.beat()
-        with self.state_lock:
-            self.state.backlog_records = backlog_records
-            self.state.backlog_events = events
-            self.state.lag_seconds = round(lag, 3)
-            self.state.observer_alive = (self.watcher.alive if self.watcher else True) and (
-                self.poller.alive if self.poller else True
-            )
-            self.state.stopping = self.stopping
-        m = self.metrics
-        m.backlog_records.set(backlog_records)
-        m.backlog_bytes.set(backlog_bytes)
-        m.backlog_events.set(events)
-        m.oldest_unsynced.set(lag)
+        self.accounting.backlog(
+            self.backlog,
+            self.poller,
+            observers_alive=(self.watcher.alive if self.watcher else True)
+            and (self.poller.alive if self.poller else True),
+            stopping=self.stopping,
+        )
         if now - self.last_status >= STATUS_EVERY:
-            self.notifier.status(self._status_line())
+            self.notifier.status(self.accounting.status_line())
             self.last_status = now
         if now - self.last_prune >= PRUNE_EVERY and self.ledger is not None:
             self.last_prune = now
@@ -666,7 +496,7 @@ class Daemon:
             self.last_gauges = now
             try:
                 for state, count in self.ledger.state_counts().items():
-                    m.records.labels(state=state).set(count)
+                    self.metrics.records.labels(state=state).set(count)
             except SyncdError as exc:
                 log.warning("ledger_gauges_failed", error=str(exc))
 
@@ -682,29 +512,6 @@ class Daemon:
         if pruned:
             log.info("ledger_pruned", sync_events=pruned, older_than_days=days)
 
-    def _backlog_bytes(self) -> int:
-        total = 0
-        for path in self.backlog.paths()[:10_000]:
-            try:
-                if isinstance(path, str):
-                    listed = self.poller.lookup(path) if self.poller else None
-                    size = listed.size if listed else 0
-                else:
-                    size = path.stat().st_size
-            except OSError:
-                continue
-            total += max(0, size - self.offsets.get(path, 0))
-        return total
-
-    def _status_line(self) -> str:
-        with self.state_lock:
-            s = self.state
-            sink = "up" if s.sink_up else "DOWN"
-            return (
-                f"{self.synced_records} syncs, backlog {s.backlog_records} records,"
-                f" lag {s.lag_seconds:.1f}s, MLflow {sink}, watch {s.watch_mode}"
-            )
-
     # -- reload and stop ---------------------------------------------------------------
 
     def _reload(self) -> None:
@@ -714,7 +521,7 @@ class Daemon:
             new = load_config(self.config_path, overrides=self.overrides)
         except ConfigError as exc:
             log.error("reload_rejected", error=str(exc), action="keeping the running config")
-            self.notifier.ready(self._status_line())
+            self.notifier.ready(self.accounting.status_line())
             return
         old = self.settings
         if new.health_addr != old.health_addr:
@@ -733,7 +540,7 @@ class Daemon:
                 error=redact_text(str(exc))[:500],
                 action="keeping the running config",
             )
-            self.notifier.ready(self._status_line())
+            self.notifier.ready(self.accounting.status_line())
             return
         configure(new.log.format, new.log.level)
         self._stop_watcher()
@@ -753,7 +560,7 @@ class Daemon:
                 engine.locate = locate
         self._start_watcher()
         self.next_rescan = 0.0
-        self.notifier.ready(self._status_line())
+        self.notifier.ready(self.accounting.status_line())
         log.info("config_reloaded", roots=[r.path for r in new.roots])
 
     def _drain(self) -> None:
@@ -763,8 +570,8 @@ class Daemon:
         deadline = time.monotonic() + self.settings.writer.drain_timeout
         self.drain_deadline = deadline
         while len(self.backlog) and time.monotonic() < deadline:
-            if time.monotonic() < self.retry_at:
-                time.sleep(min(0.1, self.retry_at - time.monotonic()))
+            if self.health.backing_off():
+                time.sleep(min(0.1, self.health.wait_left()))
                 continue
             self._sync_round(deadline=deadline)
         left = len(self.backlog)

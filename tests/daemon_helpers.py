@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -149,58 +150,39 @@ class SyncdProcess:
         self._log.close()
 
 
-class MlflowServer:
-    """`mlflow server` on a free loopback port, stoppable and restartable on the same port."""
+class NotifySocket:
+    """A datagram socket standing in for systemd's NOTIFY_SOCKET; keeps arrival times."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = folder / "mlflow-server.log"
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
 
-    @property
-    def uri(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 120.0) -> None:
-        mlflow = str(Path(sys.executable).with_name("mlflow"))
-        log = self.log_path.open("a")
-        self.proc = subprocess.Popen(
-            [
-                mlflow,
-                "server",
-                "--backend-store-uri",
-                f"sqlite:///{self.folder / 'server.db'}",
-                "--artifacts-destination",
-                str(self.folder / "artifacts"),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--workers",
-                "1",
-            ],
-            cwd=self.folder,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            # No background job runner (a dozen worker processes): only tracking is tested.
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        )
-
-        def up() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError("mlflow server exited:\n" + self.log_path.read_text()[-3000:])
-            return http_get(self.uri + "/health", timeout=2)[0] == 200
-
-        wait_for(up, timeout, 0.25, "mlflow server /health")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+    def _read(self) -> None:
+        while not self._stop.is_set():
             try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.proc = None
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            now = time.monotonic()
+            self.messages.extend((now, field) for field in data.decode().split("\n"))
+
+    def fields(self, prefix: str) -> list[float]:
+        """Arrival times of the fields that start with ``prefix``."""
+        return [t for t, f in list(self.messages) if f.startswith(prefix)]
+
+    def times(self, field: str) -> list[float]:
+        """Arrival times of exactly ``field``."""
+        return [t for t, f in list(self.messages) if f == field]
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(2)
+        self.sock.close()

@@ -68,6 +68,7 @@ def _children_cpu() -> float:
 
 
 def _load(
+    bench: str,
     tool: str,
     writers: int,
     n: int,
@@ -77,9 +78,12 @@ def _load(
     server: MlflowServerProcess,
     env: dict[str, str],
 ) -> Load:
-    """Write a fresh copy of the data (its own experiment) with one tool, timed."""
+    """Write a fresh copy of the data with one tool, timed, into an experiment no other
+    load (of this or the other data set) writes to: in an experiment that holds runs
+    already, syncd looks each record's run up before creating it (a run may exist)."""
     root = tmp / f"load-{n}" / "runs"
-    make_tree(root, seed=n, metric_keys=keys, experiment_prefix=f"http-{n}", **shape)
+    prefix = f"{bench.replace(' ', '-')}-{n}"
+    make_tree(root, seed=n, metric_keys=keys, experiment_prefix=prefix, **shape)
     cpu0, server0 = _children_cpu(), server.cpu_seconds()
     if tool == "baseline":
         files = [str(p) for p in sorted(root.rglob("run_record.jsonl"))]
@@ -124,7 +128,7 @@ def _compare(
     n = 0
     for r in range(rounds):
         for tool, writers in plan if r % 2 == 0 else list(reversed(plan)):
-            loads.append(_load(tool, writers, n, shape, keys, tmp, server, env))
+            loads.append(_load(bench, tool, writers, n, shape, keys, tmp, server, env))
             n += 1
             last = loads[-1]
             print(f"  [{bench}] {last.tool}: {last.inner_s:.2f} s in-process, "

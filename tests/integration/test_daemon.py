@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import socket
 import threading
@@ -14,13 +13,14 @@ from typing import Any
 
 import pytest
 from daemon_helpers import (
-    MlflowServer,
+    NotifySocket,
     SyncdProcess,
     free_port,
     run_syncd,
     wait_for,
 )
 from helpers import history, runs_by_record
+from mlflow_server import MlflowServerProcess
 
 from syncd import RunRecorder
 
@@ -240,39 +240,6 @@ def test_sighup_reloads_the_config(
     assert syncd.stop() == 0
 
 
-class NotifySocket:
-    """A datagram socket standing in for systemd's NOTIFY_SOCKET."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
-        self.messages: list[tuple[float, str]] = []
-        self._stop = False
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        while not self._stop:
-            try:
-                data = self.sock.recv(4096)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            for field in data.decode().split("\n"):
-                self.messages.append((time.monotonic(), field))
-
-    def fields(self, prefix: str) -> list[float]:
-        return [t for t, f in list(self.messages) if f.startswith(prefix)]
-
-    def close(self) -> None:
-        self._stop = True
-        self.thread.join(1)
-        self.sock.close()
-
-
 class HangingMlflow:
     """Answers MLflow's health probe, then holds every other request open: a stuck sink."""
 
@@ -354,10 +321,12 @@ def test_systemd_notify_and_a_stuck_loop_stops_watchdog_pings(
         notify.close()
 
 
-def test_sink_outage_loses_nothing_and_readiness_follows_it(workdir: Path, daemon_factory) -> None:
+def test_sink_outage_loses_nothing_and_readiness_follows_it(
+    workdir: Path, mlflow_template: Path, daemon_factory
+) -> None:
     from mlflow.tracking import MlflowClient
 
-    server = MlflowServer(workdir)
+    server = MlflowServerProcess(workdir / "mlflow", template=mlflow_template)
     server.start()
     try:
         root = workdir / "runs"
@@ -393,4 +362,3 @@ def test_sink_outage_loses_nothing_and_readiness_follows_it(workdir: Path, daemo
         assert syncd.stop() == 0
     finally:
         server.stop()
-        shutil.rmtree(workdir / "artifacts", ignore_errors=True)

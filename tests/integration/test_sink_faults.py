@@ -14,9 +14,7 @@ import json
 import math
 import re
 import shutil
-import socket
 import subprocess
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -24,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_helpers import SyncdProcess, run_syncd, wait_for
+from daemon_helpers import NotifySocket, SyncdProcess, run_syncd, wait_for
 from fault_proxy import Fault, FaultProxy
 from helpers import EXAMPLES, line, run_backfill, snapshot, started, write_record
 from mlflow_server import MlflowServerProcess, unique_experiment
@@ -397,39 +395,6 @@ def test_daemon_with_lost_replies_and_503s_mixed(
     assert syncd.stop() == 0
 
 
-class NotifyListener:
-    """A datagram socket standing in for systemd's NOTIFY_SOCKET; keeps arrival times."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
-        self.messages: list[tuple[float, str]] = []
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(4096)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            now = time.monotonic()
-            self.messages.extend((now, field) for field in data.decode().split("\n"))
-
-    def times(self, field: str) -> list[float]:
-        return [t for t, f in list(self.messages) if f == field]
-
-    def close(self) -> None:
-        self._stop.set()
-        self.thread.join(2)
-        self.sock.close()
-
-
 WATCHDOG_SEC = 2.0
 
 
@@ -439,7 +404,7 @@ def test_watchdog_pings_continue_while_mlflow_calls_stall(
     experiment = unique_experiment("stall")
     root = workdir / "runs"
     root.mkdir()
-    notify = NotifyListener(workdir / "notify.sock")
+    notify = NotifySocket(workdir / "notify.sock")
     try:
         syncd = daemons(
             str(root),
